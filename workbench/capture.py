@@ -1,0 +1,300 @@
+"""Write side of the activation store: bounded-memory, shard-atomic, resumable capture.
+
+Compute and disk overlap: while the model runs shard k, a writer thread serialises shard k-1.
+At most two shards of activations are alive at once, so memory is flat in the token budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save as safetensors_bytes
+from tqdm.auto import tqdm
+
+from workbench import data, paths, sites
+from workbench.models import DEFAULT_MODEL
+from workbench.store import (
+    DTYPES,
+    ActivationStore,
+    ShardRecord,
+    StoreError,
+    read_manifest,
+    shard_name,
+    site_dir,
+    write_manifest,
+)
+
+DEFAULT_SITES = ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What to capture; every field is part of the run's identity."""
+
+    model: str = DEFAULT_MODEL
+    """Model key (see `workbench models`), local HF folder or Hub id."""
+    sites: tuple[str, ...] = DEFAULT_SITES
+    """TransformerLens hook names or globs, e.g. blocks.*.mlp.hook_post."""
+    data: str = field(default_factory=data.default_source)
+    """Text source: .txt/.jsonl/.json/.parquet path or hf:<dataset>."""
+    n_tokens: int = 4096
+    """Token budget (rounded down to whole sequences)."""
+    ctx_len: int = 128
+    """Tokens per sequence, BOS included."""
+    bos: str = "prepend"
+    """BOS policy: 'prepend' (each sequence starts with BOS) or 'none'."""
+    dtype: str = "float32"
+    """Storage dtype: float32, float16 or bfloat16."""
+    processing: str = "raw"
+    """Weight processing: 'raw' (HF numerics) or 'compat' (TL/SAELens folded norms)."""
+    batch_size: int = 8
+    """Sequences per forward pass."""
+    shard_tokens: int = 1024
+    """Rows per shard (rounded to whole batches); bounds memory."""
+
+    def __post_init__(self):
+        if isinstance(self.sites, str):
+            object.__setattr__(self, "sites", tuple(s.strip() for s in self.sites.split(",") if s.strip()))
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
+        if self.n_tokens < self.ctx_len:
+            raise ValueError(f"n_tokens ({self.n_tokens}) must be at least ctx_len ({self.ctx_len})")
+
+    @property
+    def shard_seqs(self) -> int:
+        return max(self.batch_size, self.shard_tokens // self.ctx_len // self.batch_size * self.batch_size)
+
+
+def run_identity(cfg: CaptureConfig, model, resolved: list[str]) -> dict:
+    return {
+        "model": model.workbench.identity(),
+        "sites": resolved,
+        "data": data.fingerprint(cfg.data),
+        **{k: v for k, v in asdict(cfg).items() if k not in ("model", "sites", "data", "processing")},
+    }
+
+
+def capture(
+    cfg: CaptureConfig,
+    model=None,
+    out: str | Path | None = None,
+    progress: bool | Progress = True,
+) -> ActivationStore:
+    """Capture `cfg.sites` over `cfg.data`; resume if a partial run of the same identity exists."""
+    if model is None:
+        from workbench.models import load_model
+
+        model = load_model(cfg.model, cfg.processing)
+    resolved = sites.resolve_sites(cfg.sites, model.hook_dict)  # fails before any compute
+    identity = run_identity(cfg, model, resolved)
+    run_id = paths.sha256_json(identity)
+    root = Path(out) if out else paths.stores_dir() / run_id[:16]
+    run = _open_run(root, cfg, identity, run_id, resolved)
+    if run["status"] == "complete":
+        return ActivationStore(root)
+    _Capture(cfg, model, root, run, progress).go()
+    return ActivationStore(root)
+
+
+def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resolved: list[str]) -> dict:
+    run_json = root / "run.json"
+    if run_json.exists():
+        run = json.loads(run_json.read_text())
+        if run.get("run_id") != run_id:
+            raise StoreError(f"{root} holds a different capture (run {run.get('run_id', '?')[:12]}); choose another --out")
+        return run
+    run = {
+        "run_id": run_id,
+        "status": "running",
+        "config": {**asdict(cfg), "sites": list(cfg.sites)},
+        "identity": identity,
+        "sites": resolved,
+        "shapes": {},
+        "created": time.time(),
+        "versions": _versions(),
+    }
+    paths.atomic_write_json(run_json, run)
+    return run
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "transformer-lens", "safetensors")}
+
+
+class _Capture:
+    def __init__(self, cfg: CaptureConfig, model, root: Path, run: dict, progress: bool | Progress):
+        self.cfg, self.model, self.root, self.run = cfg, model, root, run
+        self.sites: list[str] = run["sites"]
+        self.dtype = DTYPES[cfg.dtype]
+        self.records = _committed_records(root, self.sites)
+        self.n_done = len({r.shard for r in self.records})
+        self.total_seqs = cfg.n_tokens // cfg.ctx_len
+        self.callback = progress if callable(progress) else None
+        self.bar = tqdm(
+            total=self.total_seqs * cfg.ctx_len,
+            initial=self.n_done * cfg.shard_seqs * cfg.ctx_len,
+            unit="tok",
+            unit_scale=True,
+            desc="capture",
+            disable=progress is False or self.callback is not None,
+        )
+
+    def go(self) -> None:
+        _remove_orphans(self.root, self.sites, self.n_done)
+        write_manifest(self.root, self.records)  # drop rows of shards that did not survive
+        seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
+        seqs = itertools.islice(seqs, self.n_done * self.cfg.shard_seqs, self.total_seqs)
+        pending: Future | None = None
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            shard = self.n_done
+            while chunk := list(itertools.islice(seqs, self.cfg.shard_seqs)):
+                buffers = self._forward_shard(chunk)
+                if pending is not None:
+                    pending.result()  # surfaces writer errors; bounds memory to two shards
+                pending = writer.submit(self._write_shard, shard, chunk, buffers)
+                shard += 1
+            if pending is not None:
+                pending.result()
+        self.bar.close()
+        self._finish()
+
+    def _forward_shard(self, chunk: list[data.Sequence]) -> dict[str, torch.Tensor]:
+        rows = len(chunk) * self.cfg.ctx_len
+        buffers: dict[str, torch.Tensor] = {}
+        cursor = [0]
+
+        def save(act: torch.Tensor, hook) -> None:
+            flat = sites.to_rows(hook.name, act)
+            for name in self._aliases[hook.name]:
+                if name not in buffers:
+                    buffers[name] = torch.empty(rows, *flat.shape[1:], dtype=self.dtype)
+                buffers[name][cursor[0] : cursor[0] + len(flat)].copy_(flat)
+
+        hooks = self._hooks(save)
+        stop = sites.stop_layer(self.sites, self.model.cfg.n_layers)
+        with torch.inference_mode():
+            for b in range(0, len(chunk), self.cfg.batch_size):
+                batch = torch.tensor([s.tokens for s in chunk[b : b + self.cfg.batch_size]], device=self.model.cfg.device)
+                self.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
+                cursor[0] += batch.numel()
+                self._tick(batch.numel())
+        return buffers
+
+    def _hooks(self, save) -> list:
+        """One hook per distinct hook point; alias names (same HookPoint) share its tensor."""
+        self._aliases: dict[str, list[str]] = {}
+        for site in self.sites:
+            point = self.model.hook_dict[site]
+            self._aliases.setdefault(point.name, []).append(site)
+        return [(name, save) for name in self._aliases]
+
+    def _tick(self, n: int) -> None:
+        self.bar.update(n)
+        if self.callback:
+            self.callback(self.bar.n, self.bar.total)
+
+    def _write_shard(self, shard: int, chunk: list[data.Sequence], buffers: dict[str, torch.Tensor]) -> None:
+        row0 = shard * self.cfg.shard_seqs * self.cfg.ctx_len
+        new = []
+        for site in self.sites:
+            acts = buffers[site]
+            blob = safetensors_bytes({"acts": acts}, metadata={"site": site, "row_start": str(row0)})
+            paths.atomic_write_bytes(self.root / "acts" / site_dir(site) / shard_name(shard), blob, fsync=False)
+            new.append(_record(site, shard, row0, acts, blob))
+        self._write_tokens(shard, chunk)
+        if not self.run["shapes"]:
+            self.run["shapes"] = {s: list(buffers[s].shape[1:]) for s in self.sites}
+            paths.atomic_write_json(self.root / "run.json", self.run)
+        self.records += new
+        write_manifest(self.root, self.records)  # the commit point of this shard
+
+    def _write_tokens(self, shard: int, chunk: list[data.Sequence]) -> None:
+        seq0 = shard * self.cfg.shard_seqs
+        n = self.cfg.ctx_len
+        table = pa.table(
+            {
+                "doc": pa.array([d for s in chunk for d in s.docs], pa.int32()),
+                "seq": pa.array([seq0 + i for i in range(len(chunk)) for _ in range(n)], pa.int32()),
+                "pos": pa.array([p for _ in chunk for p in range(n)], pa.int32()),
+                "token": pa.array([t for s in chunk for t in s.tokens], pa.int32()),
+            }
+        )
+        path = self.root / "tokens" / f"part-{shard:05d}.parquet"
+        tmp = paths.temp_path_for(path)
+        pq.write_table(table, tmp)
+        paths.commit_temp(tmp, path)
+
+    def _finish(self) -> None:
+        parts = sorted((self.root / "tokens").glob("part-*.parquet"))
+        if not parts:
+            raise StoreError(f"the text source {self.cfg.data} is too short for one sequence of {self.cfg.ctx_len} tokens")
+        tmp = paths.temp_path_for(self.root / "tokens.parquet")
+        pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp)
+        paths.commit_temp(tmp, self.root / "tokens.parquet")
+        shutil.rmtree(self.root / "tokens", ignore_errors=True)
+        self.run.update(status="complete", n_rows=max(r.row_end for r in self.records), finished=time.time())
+        paths.atomic_write_json(self.root / "run.json", self.run)
+
+
+def _record(site: str, shard: int, row0: int, acts: torch.Tensor, blob: bytes) -> ShardRecord:
+    x = acts.float()
+    norms = x.reshape(len(x), -1).norm(dim=-1)
+    return ShardRecord(
+        site=site,
+        shard=shard,
+        row_start=row0,
+        row_end=row0 + len(acts),
+        bytes=len(blob),
+        sha256=hashlib.sha256(blob).hexdigest(),
+        mean=x.mean().item(),
+        std=x.std().item(),
+        norm_mean=norms.mean().item(),
+        abs_max=x.abs().max().item(),
+    )
+
+
+def _committed_records(root: Path, run_sites: list[str]) -> list[ShardRecord]:
+    """Manifest rows of the shards that are complete for every site and intact on disk."""
+    records = read_manifest(root)
+    by_shard: dict[int, list[ShardRecord]] = {}
+    for r in records:
+        by_shard.setdefault(r.shard, []).append(r)
+    kept: list[ShardRecord] = []
+    for shard in range(len(by_shard)):  # keep the contiguous prefix of good shards only
+        recs = by_shard.get(shard, [])
+        if {r.site for r in recs} != set(run_sites) or not all(_intact(root, r) for r in recs):
+            break
+        kept += recs
+    return kept
+
+
+def _intact(root: Path, rec: ShardRecord) -> bool:
+    path = root / "acts" / site_dir(rec.site) / shard_name(rec.shard)
+    return path.exists() and path.stat().st_size == rec.bytes
+
+
+def _remove_orphans(root: Path, run_sites: list[str], n_done: int) -> None:
+    """Delete temp files and shards past the committed prefix (left by a killed run)."""
+    for tmp in root.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for site in run_sites:
+        for path in (root / "acts" / site_dir(site)).glob("shard-*.safetensors"):
+            if int(path.stem.split("-")[1]) >= n_done:
+                path.unlink()
+    for path in (root / "tokens").glob("part-*.parquet"):
+        if int(path.stem.split("-")[1]) >= n_done:
+            path.unlink()

@@ -1,0 +1,127 @@
+"""Text sources and token packing.
+
+A source is a local `.txt` (documents separated by blank lines), `.jsonl` (a `text` field),
+`.json` (a list of strings or of objects with `text`/`story`), `.parquet` (a `text` column), or
+`hf:<dataset>[:<split>]` when online. Documents are tokenized without special tokens, joined with
+EOS and cut into fixed-length sequences; with the `prepend` BOS policy each sequence starts with
+BOS. The packing is deterministic, which is what lets a killed capture resume by skipping.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench import paths
+
+BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
+BOS_POLICIES = ("prepend", "none")
+TEXT_KEYS = ("text", "story", "content")
+
+
+class DataSourceError(ValueError):
+    """A text source that cannot be read; the message says why and what is accepted."""
+
+
+def default_source() -> str:
+    return str(BUNDLED_TEXT)
+
+
+def fingerprint(source: str) -> str:
+    """Content hash of a local source; name (+ split) of a Hub dataset."""
+    if source.startswith("hf:"):
+        return paths.sha256_json(["hf", source])
+    path = _local_path(source)
+    return paths.sha256_file(path)
+
+
+def _local_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataSourceError(f"text source '{source}' not found: pass a .txt/.jsonl/.json/.parquet file or hf:<dataset>")
+    return path
+
+
+def iter_documents(source: str) -> Iterator[str]:
+    if source.startswith("hf:"):
+        yield from _hf_documents(source[3:])
+        return
+    path = _local_path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw", ".md") or path.name.endswith(".raw"):
+        yield from (d.strip() for d in path.read_text(errors="replace").split("\n\n") if d.strip())
+    elif suffix == ".jsonl":
+        for line in path.read_text().splitlines():
+            if line.strip():
+                yield _text_of(json.loads(line))
+    elif suffix == ".json":
+        yield from (_text_of(item) for item in json.loads(path.read_text()))
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        column = next((k for k in TEXT_KEYS if k in table.column_names), None)
+        if column is None:
+            raise DataSourceError(f"{path} has no text column (looked for {TEXT_KEYS})")
+        yield from (t for t in table.column(column).to_pylist() if t)
+    else:
+        raise DataSourceError(f"unsupported text source '{source}': use .txt, .jsonl, .json, .parquet or hf:<dataset>")
+
+
+def _text_of(item) -> str:
+    if isinstance(item, str):
+        return item
+    for key in TEXT_KEYS:
+        if key in item:
+            return item[key]
+    raise DataSourceError(f"record has no text field (looked for {TEXT_KEYS}): {str(item)[:80]}")
+
+
+def _hf_documents(spec: str) -> Iterator[str]:
+    name, _, split = spec.partition(":")
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset(name, split=split or "train", streaming=True)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types when offline
+        raise DataSourceError(f"cannot open Hugging Face dataset '{name}' (offline?): {err}") from err
+    for row in dataset:
+        yield _text_of(row)
+
+
+@dataclass(frozen=True)
+class Sequence:
+    """One packed context window: token ids and the document each token came from."""
+
+    tokens: list[int]
+    docs: list[int]
+
+
+def pack(source: str, tokenizer, ctx_len: int, bos: str = "prepend") -> Iterator[Sequence]:
+    """Deterministic stream of `ctx_len`-token sequences over the source's documents."""
+    if bos not in BOS_POLICIES:
+        raise ValueError(f"bos must be one of {BOS_POLICIES}, got '{bos}'")
+    if ctx_len < 2:
+        raise ValueError("ctx_len must be at least 2")
+    body = ctx_len - (1 if bos == "prepend" else 0)
+    sep = tokenizer.eos_token_id
+    buf_tokens: list[int] = []
+    buf_docs: list[int] = []
+    for doc_id, text in enumerate(iter_documents(source)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if sep is not None:
+            ids = ids + [sep]
+        buf_tokens += ids
+        buf_docs += [doc_id] * len(ids)
+        while len(buf_tokens) >= body:
+            yield _sequence(buf_tokens[:body], buf_docs[:body], tokenizer, bos)
+            del buf_tokens[:body], buf_docs[:body]
+
+
+def _sequence(tokens: list[int], docs: list[int], tokenizer, bos: str) -> Sequence:
+    if bos == "prepend":
+        bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return Sequence([bos_id, *tokens], [docs[0], *docs])
+    return Sequence(list(tokens), list(docs))

