@@ -86,7 +86,9 @@ class ResultsCache:
         try:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
             (tmp / "result.json").write_text(json.dumps(result, indent=2, default=str))
-            save_file({k: v.detach().contiguous().cpu() for k, v in arrays.items()}, tmp / "arrays.safetensors")
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in arrays.items()}, tmp / "arrays.safetensors"
+            )
             meta = {**meta, "key": key, "checksums": {f: paths.sha256_file(tmp / f) for f in FILES}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             self._publish(tmp, self.entry_dir(key))
@@ -142,7 +144,9 @@ class ResultsCache:
         except CorruptEntryError:
             raise
         except (OSError, ValueError, KeyError) as err:
-            raise CorruptEntryError(f"cache entry {key[:12]} is unreadable ({err.__class__.__name__}: {err})") from err
+            raise CorruptEntryError(
+                f"cache entry {key[:12]} is unreadable ({err.__class__.__name__}: {err})"
+            ) from err
         return Entry(key=key, path=path, config=config, meta=meta, result=result)
 
     def evict(self, key: str) -> None:

@@ -113,7 +113,9 @@ def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resol
     if run_json.exists():
         run = json.loads(run_json.read_text())
         if run.get("run_id") != run_id:
-            raise StoreError(f"{root} holds a different capture (run {run.get('run_id', '?')[:12]}); choose another --out")
+            raise StoreError(
+                f"{root} holds a different capture (run {run.get('run_id', '?')[:12]}); choose another --out"
+            )
         return run
     run = {
         "run_id": run_id,
@@ -188,7 +190,9 @@ class _Capture:
         stop = sites.stop_layer(self.sites, self.model.cfg.n_layers)
         with torch.inference_mode():
             for b in range(0, len(chunk), self.cfg.batch_size):
-                batch = torch.tensor([s.tokens for s in chunk[b : b + self.cfg.batch_size]], device=self.model.cfg.device)
+                batch = torch.tensor(
+                    [s.tokens for s in chunk[b : b + self.cfg.batch_size]], device=self.model.cfg.device
+                )
                 self.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
                 cursor[0] += batch.numel()
                 self._tick(batch.numel())
@@ -213,7 +217,9 @@ class _Capture:
         for site in self.sites:
             acts = buffers[site]
             blob = safetensors_bytes({"acts": acts}, metadata={"site": site, "row_start": str(row0)})
-            paths.atomic_write_bytes(self.root / "acts" / site_dir(site) / shard_name(shard), blob, fsync=False)
+            paths.atomic_write_bytes(
+                self.root / "acts" / site_dir(site) / shard_name(shard), blob, fsync=False
+            )
             new.append(_record(site, shard, row0, acts, blob))
         self._write_tokens(shard, chunk)
         if not self.run["shapes"]:
@@ -241,7 +247,9 @@ class _Capture:
     def _finish(self) -> None:
         parts = sorted((self.root / "tokens").glob("part-*.parquet"))
         if not parts:
-            raise StoreError(f"the text source {self.cfg.data} is too short for one sequence of {self.cfg.ctx_len} tokens")
+            raise StoreError(
+                f"the text source {self.cfg.data} is too short for one sequence of {self.cfg.ctx_len} tokens"
+            )
         tmp = paths.temp_path_for(self.root / "tokens.parquet")
         pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp)
         paths.commit_temp(tmp, self.root / "tokens.parquet")

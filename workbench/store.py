@@ -61,7 +61,9 @@ def read_manifest(root: Path) -> list[ShardRecord]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # noqa: BLE001 - pyarrow raises several error types on damaged files
-        raise StoreError(f"{path} is unreadable ({err}); delete it and re-run the capture to rebuild") from err
+        raise StoreError(
+            f"{path} is unreadable ({err}); delete it and re-run the capture to rebuild"
+        ) from err
     return [ShardRecord(**r) for r in rows]
 
 
@@ -78,7 +80,9 @@ class ActivationStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not (self.root / "run.json").exists():
-            raise StoreError(f"no activation store at {self.root} (run.json missing); capture one with `workbench capture`")
+            raise StoreError(
+                f"no activation store at {self.root} (run.json missing); capture one with `workbench capture`"
+            )
         self.run = json.loads((self.root / "run.json").read_text())
         self.config = self.run["config"]
         self.sites: list[str] = self.run["sites"]
@@ -100,13 +104,13 @@ class ActivationStore:
 
     @property
     def n_rows(self) -> int:
-        recs = self._records(self.sites[0])
+        recs = self.records(self.sites[0])
         return recs[-1].row_end if recs else 0
 
     def shape(self, site: str) -> list[int]:
         return self.run["shapes"][site]
 
-    def _records(self, site: str) -> list[ShardRecord]:
+    def records(self, site: str) -> list[ShardRecord]:
         if site not in self._by_site:
             raise StoreError(f"site '{site}' is not in this store; it holds: {', '.join(self.sites)}")
         return self._by_site[site]
@@ -125,7 +129,7 @@ class ActivationStore:
     # --- reading ------------------------------------------------------------------------
     def shard(self, site: str, index: int) -> torch.Tensor:
         """One whole shard of a site (checked against the manifest's size)."""
-        rec = self._records(site)[index]
+        rec = self.records(site)[index]
         path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
         if not path.exists() or path.stat().st_size != rec.bytes:
             raise StoreError(
@@ -139,13 +143,13 @@ class ActivationStore:
             raise StoreError(f"shard {path} is damaged ({err}); re-run the capture to rewrite it") from err
 
     def n_shards(self, site: str) -> int:
-        return len(self._records(site))
+        return len(self.records(site))
 
     def read(self, site: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of a site, touching only the shards that hold them."""
         stop = self.n_rows if stop is None else min(stop, self.n_rows)
         pieces = []
-        for i, rec in enumerate(self._records(site)):
+        for i, rec in enumerate(self.records(site)):
             lo, hi = max(start, rec.row_start), min(stop, rec.row_end)
             if lo < hi:
                 pieces.append(self._slice(site, i, lo - rec.row_start, hi - rec.row_start))
@@ -154,7 +158,7 @@ class ActivationStore:
         return torch.cat(pieces)
 
     def _slice(self, site: str, index: int, lo: int, hi: int) -> torch.Tensor:
-        rec = self._records(site)[index]
+        rec = self.records(site)[index]
         path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
         if not path.exists() or path.stat().st_size != rec.bytes:
             self.shard(site, index)  # raises the readable error
@@ -184,7 +188,7 @@ class ActivationStore:
         """Full check: every shard's sha256 against the manifest. Returns the problems found."""
         problems = []
         for site in self.sites:
-            for rec in self._records(site):
+            for rec in self.records(site):
                 path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
                 if not path.exists() or paths.sha256_file(path) != rec.sha256:
                     problems.append(f"{site} shard {rec.shard}")

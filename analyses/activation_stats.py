@@ -1,0 +1,151 @@
+"""Per-site activation statistics from an activation store.
+
+For every captured site: mean, std, mean L2 norm per token, max |activation|, fraction of entries
+> 0, excess kurtosis of the entry distribution (massive-activation / outlier-feature indicator,
+cf. Sun et al. 2024), and per-neuron firing rate (fraction of tokens with activation > threshold),
+with dead (never fire) and dense (fire on > 50% of tokens) neuron fractions. Streams shard by
+shard in float64 accumulators, so memory is one shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workbench.analysis import Result, register
+from workbench.capture import CaptureConfig
+from workbench.context import Context
+from workbench.data import default_source
+from workbench.models import DEFAULT_MODEL
+from workbench.sites import layer_of
+
+
+@dataclass(frozen=True)
+class StatsConfig:
+    store: str = ""
+    """Path of an existing activation store; empty = capture one from the fields below."""
+    model: str = DEFAULT_MODEL
+    """Model to capture from when no store is given."""
+    sites: str = "blocks.*.mlp.hook_post,blocks.*.hook_resid_post"
+    """Comma-separated hook names or globs to capture when no store is given."""
+    data: str = field(default_factory=default_source)
+    """Text source to capture from when no store is given."""
+    n_tokens: int = 4096
+    """Token budget of the capture when no store is given."""
+    ctx_len: int = 128
+    """Context length of the capture when no store is given."""
+    fire_threshold: float = 0.0
+    """A neuron 'fires' on a token when its activation exceeds this."""
+    skip_bos: bool = True
+    """Leave out position 0 (BOS; attention-sink tokens carry massive activations)."""
+
+    def capture_config(self) -> CaptureConfig:
+        return CaptureConfig(
+            model=self.model,
+            sites=tuple(self.sites.split(",")),
+            data=self.data,
+            n_tokens=self.n_tokens,
+            ctx_len=self.ctx_len,
+        )
+
+
+@dataclass
+class StatsResult(Result):
+    store: str
+    n_tokens: int
+    table: list[dict]
+    """One row per site: layer, kind, mean, std, norm, max, frac_pos, kurtosis, dead/dense fractions."""
+    firing_rate: dict[str, torch.Tensor]
+    """site -> [d] fraction of tokens on which each dimension exceeds the threshold."""
+
+    def summary(self) -> list[dict]:
+        return self.table
+
+    def figures(self) -> dict:
+        import plotly.express as px
+
+        rows = [r for r in self.table if r["layer"] is not None]
+        figs = {}
+        for metric, title in (
+            ("norm", "mean L2 norm per token"),
+            ("frac_pos", "fraction of entries > 0"),
+            ("kurtosis", "excess kurtosis"),
+            ("dead_frac", "dead-dimension fraction"),
+        ):
+            fig = px.line(rows, x="layer", y=metric, color="kind", markers=True, title=f"{title} by layer")
+            figs[f"{metric} by layer"] = fig
+        if self.firing_rate:
+            site = max(self.firing_rate, key=lambda s: (self.firing_rate[s].numel(), s))
+            fig = px.histogram(
+                x=self.firing_rate[site].tolist(),
+                nbins=50,
+                log_y=True,
+                title=f"per-neuron firing rate, {site}",
+                labels={"x": "firing rate"},
+            )
+            figs["firing-rate histogram"] = fig
+        return figs
+
+
+class _Moments:
+    """Streaming float64 moments of all entries and per-dimension firing counts of one site."""
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.sums = torch.zeros(4, dtype=torch.float64)
+        self.norm_sum = 0.0
+        self.abs_max = 0.0
+        self.positive = 0
+        self.fires = torch.zeros(d, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, threshold: float) -> None:
+        x = x.reshape(len(x), -1).double()
+        self.n += len(x)
+        self.sums += torch.stack([x.sum(), (x**2).sum(), (x**3).sum(), (x**4).sum()])
+        self.norm_sum += x.norm(dim=-1).sum().item()
+        self.abs_max = max(self.abs_max, x.abs().max().item()) if x.numel() else self.abs_max
+        self.positive += int((x > 0).sum())
+        self.fires += (x > threshold).sum(0)
+
+    def row(self) -> dict:
+        count = self.n * len(self.fires)
+        m1, m2, m3, m4 = (self.sums / count).tolist()
+        var = max(m2 - m1**2, 1e-30)
+        m4c = m4 - 4 * m1 * m3 + 6 * m1**2 * m2 - 3 * m1**4  # fourth central moment
+        rate = self.fires / max(self.n, 1)
+        return {
+            "mean": m1,
+            "std": var**0.5,
+            "norm": self.norm_sum / max(self.n, 1),
+            "max": self.abs_max,
+            "frac_pos": self.positive / count,
+            "kurtosis": m4c / var**2 - 3.0,
+            "dead_frac": float((rate == 0).double().mean()),
+            "dense_frac": float((rate > 0.5).double().mean()),
+        }
+
+
+def site_kind(site: str) -> str:
+    return site.split(".", 2)[2] if layer_of(site) is not None else site
+
+
+@register("activation-stats", version=1)
+def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
+    """Per-site activation statistics (mean, std, norm, max, fraction > 0, kurtosis, firing rates)."""
+    store = ctx.store_or_capture(cfg.store, cfg.capture_config())
+    keep = store.token_ids() >= 0
+    if cfg.skip_bos:
+        keep &= torch.from_numpy(store.tokens().column("pos").to_numpy()) != 0
+    table, firing = [], {}
+    work = [(site, i) for site in store.sites for i in range(store.n_shards(site))]
+    moments = {s: _Moments(int(torch.tensor(store.shape(s)).prod())) for s in store.sites}
+    for site, i in ctx.progress(work, desc="activation-stats"):
+        shard = store.shard(site, i)
+        rec = store.records(site)[i]
+        moments[site].add(shard[keep[rec.row_start : rec.row_end]], cfg.fire_threshold)
+    for site in store.sites:
+        row = moments[site].row()
+        table.append({"site": site, "layer": layer_of(site), "kind": site_kind(site), **row})
+        firing[site] = (moments[site].fires / max(moments[site].n, 1)).float()
+    return StatsResult(store=str(store.root), n_tokens=int(keep.sum()), table=table, firing_rate=firing)

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random HF models (GPT-2, Llama, GPT-NeoX shapes) booted through the Bridge,
+an isolated WORKBENCH_HOME per test, real text from ../shared, and the real smollm2-135m (slow)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.exists():  # CI clones the project with shared/ beside it
+    SHARED = Path(os.environ.get("WORKBENCH_SHARED", "/work/shared"))
+GPT2_TOKENIZER = SHARED / "models" / "gpt2-tokenizer"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw-test" / "wiki.test.raw"
+TINYSTORIES = SHARED / "data" / "tinystories-sample" / "tinystories_1000.json"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _tiny_config(arch: str, vocab: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, activation_function="gelu_new"
+        )
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+        )
+    if arch == "neox":
+        return GPTNeoXConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+    raise ValueError(arch)
+
+
+def make_tiny_model_dir(root: Path, arch: str, seed: int = 0) -> Path:
+    """Save a tiny random HF causal LM with the real GPT-2 tokenizer into root/arch; returns the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = root / arch
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(arch, len(tokenizer)))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama", "neox"])
+def tiny_model_dir_any(request, tiny_models_root) -> Path:
+    """Each tiny architecture in turn."""
+    return make_tiny_model_dir(tiny_models_root, request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_models_root) -> Path:
+    """The default tiny model: Llama-shaped (gated SiLU MLP, like SmolLM2)."""
+    return make_tiny_model_dir(tiny_models_root, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from workbench.models import load_model
+
+    return load_model(str(tiny_model_dir))
+
+
+@pytest.fixture(autouse=True)
+def workbench_home(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own stores and results cache; converted real models stay shared."""
+    home = tmp_path / "wbhome"
+    home.mkdir()
+    models = Path(os.environ.get("WORKBENCH_TEST_MODELS", Path.home() / ".cache" / "workbench" / "models"))
+    models.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(models, target_is_directory=True)
+    monkeypatch.setenv("WORKBENCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> str:
+    return str(WIKITEXT)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (converted once into ~/.cache/workbench/models, then reused)."""
+    from workbench.models import load_model
+
+    return load_model("smollm2-135m")

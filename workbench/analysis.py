@@ -1,0 +1,158 @@
+"""The analysis protocol: frozen config dataclass + Result + `@register(name, version)` run function.
+
+    @register("activation-stats", version=1)
+    def run(cfg: StatsConfig, ctx: Context) -> StatsResult: ...
+
+A Result is a dataclass whose tensor fields (or dicts of tensors) are stored as safetensors and
+whose other fields are JSON; `figures()` builds plotly figures from its fields without I/O and
+`summary()` gives table rows. Analyses live in the top-level `analyses` package (or any package
+exposing the `workbench.analyses` entry point) and are discovered on first use.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import logging
+import pkgutil
+import textwrap
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """Base of every analysis result."""
+
+    def figures(self) -> dict[str, Any]:
+        """Title -> plotly Figure. Pure: no I/O, no model."""
+        return {}
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Rows of the result's headline table."""
+        return []
+
+    # --- (de)serialisation for the results cache ---------------------------------------
+    def to_payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        plain: dict[str, Any] = {}
+        arrays: dict[str, torch.Tensor] = {}
+        tensor_fields: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                arrays[f.name] = value
+                tensor_fields[f.name] = "tensor"
+            elif (
+                isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())
+            ):
+                for k, v in value.items():
+                    arrays[f"{f.name}/{k}"] = v
+                tensor_fields[f.name] = list(value)
+            else:
+                plain[f.name] = value
+        return {"fields": plain, "tensor_fields": tensor_fields}, arrays
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any], arrays: dict[str, torch.Tensor]) -> Result:
+        kwargs = dict(payload["fields"])
+        for name, kind in payload["tensor_fields"].items():
+            kwargs[name] = arrays[name] if kind == "tensor" else {k: arrays[f"{name}/{k}"] for k in kind}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class AnalysisSpec:
+    name: str
+    version: int
+    config_cls: type
+    result_cls: type[Result]
+    fn: Callable
+    doc: str
+
+    def make_config(self, **overrides) -> Any:
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"{self.name} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
+        return self.config_cls(**overrides)
+
+
+_REGISTRY: dict[str, AnalysisSpec] = {}
+_discovered = False
+
+
+def register(name: str, version: int = 1) -> Callable:
+    """Register `fn(cfg, ctx) -> Result`; config and result classes come from its annotations."""
+
+    def deco(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        params = list(inspect.signature(fn).parameters)
+        spec = AnalysisSpec(
+            name=name,
+            version=version,
+            config_cls=hints[params[0]],
+            result_cls=hints["return"],
+            fn=fn,
+            doc=inspect.getdoc(fn) or inspect.getdoc(inspect.getmodule(fn)) or "",
+        )
+        _REGISTRY[name] = spec
+        return fn
+
+    return deco
+
+
+def discover() -> None:
+    """Import every module of the `analyses` package and every `workbench.analyses` entry point."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    try:
+        package = importlib.import_module("analyses")
+        for mod in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"analyses.{mod.name}")
+    except ModuleNotFoundError:
+        log.warning("no 'analyses' package found")
+    for ep in entry_points(group="workbench.analyses"):
+        ep.load()
+
+
+def get(name: str) -> AnalysisSpec:
+    discover()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown analysis '{name}'; available: {', '.join(sorted(_REGISTRY)) or 'none'}")
+    return _REGISTRY[name]
+
+
+def all_specs() -> list[AnalysisSpec]:
+    discover()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each dataclass field (sparsify/simple-parsing style)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for stmt, nxt in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                    docs[stmt.target.id] = str(nxt.value.value).strip()
+    return docs
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,192 @@
+"""The one surface: the CLI, the Streamlit app and Jupyter all call these functions.
+
+    import workbench as wb
+    store = wb.capture(model="smollm2-135m", sites=["blocks.*.mlp.hook_post"], n_tokens=4096)
+    result = wb.run("activation-stats", store=str(store.root))
+    result.figures()["mean by layer"].show()
+
+`run` is a cache hit whenever the same analysis, version, config, model weights and input data
+were computed before, by any process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import subprocess
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from workbench import analysis, data, models, paths
+from workbench.cache import CorruptEntryError, Entry, ResultsCache
+from workbench.capture import CaptureConfig
+from workbench.capture import capture as _capture
+from workbench.context import POOL, Context, Progress
+from workbench.store import ActivationStore, list_stores
+
+log = logging.getLogger(__name__)
+
+list_models = models.list_models
+open_store = ActivationStore
+__all__ = [
+    "list_models",
+    "open_store",
+    "list_stores",
+    "load_model",
+    "capture",
+    "run",
+    "load",
+    "cached",
+    "list_analyses",
+]
+
+
+def load_model(key: str = models.DEFAULT_MODEL, processing: str = "raw"):
+    """A TransformerBridge for `key`, pooled so a second call returns the same object."""
+    return POOL.get(key, processing)
+
+
+def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any) -> ActivationStore:
+    """Capture activations (see CaptureConfig for the options); resumes a partial run of the same identity."""
+    config = CaptureConfig(**cfg)
+    return _capture(config, model=load_model(config.model, config.processing), out=out, progress=progress)
+
+
+def list_analyses() -> list[dict[str, Any]]:
+    return [
+        {"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""}
+        for s in analysis.all_specs()
+    ]
+
+
+def cache(root: str | Path | None = None) -> ResultsCache:
+    return ResultsCache(Path(root) if root else None)
+
+
+def make_config(name: str, cfg: Any = None, **overrides: Any) -> Any:
+    spec = analysis.get(name)
+    if cfg is None:
+        return spec.make_config(**overrides)
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def input_fingerprints(cfg: Any) -> dict[str, Any]:
+    """Identity of what a config points at: model weights, store run, text content."""
+    fields = dataclasses.asdict(cfg)
+    out: dict[str, Any] = {}
+    if fields.get("store"):
+        out["store"] = ActivationStore(fields["store"]).fingerprint
+    elif fields.get("model"):
+        target, _ = models.resolve(fields["model"])
+        out["weights"] = models.weights_hash(Path(target)) if Path(target).is_dir() else target
+    if fields.get("data") and not fields.get("store"):
+        out["data"] = data.fingerprint(fields["data"])
+    return out
+
+
+def key_for(name: str, cfg: Any) -> str:
+    spec = analysis.get(name)
+    return paths.sha256_json(
+        {
+            "analysis": name,
+            "version": spec.version,
+            "config": analysis.config_to_dict(cfg),
+            "inputs": input_fingerprints(cfg),
+        }
+    )
+
+
+def run(
+    name: str,
+    cfg: Any = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    results: ResultsCache | None = None,
+    **overrides: Any,
+) -> analysis.Result:
+    """Run an analysis, or return its cached result. A corrupt cache entry is recomputed."""
+    spec = analysis.get(name)
+    cfg = make_config(name, cfg, **overrides)
+    results = results or cache()
+    key = key_for(name, cfg)
+    if not force:
+        hit = _cached_result(results, spec, key)
+        if hit is not None:
+            return hit
+    start = time.time()
+    result = spec.fn(cfg, Context(progress=progress, work_dir=paths.home() / "work" / key[:16]))
+    payload, arrays = result.to_payload()
+    meta = _provenance(spec, cfg, time.time() - start)
+    results.put(key, config=analysis.config_to_dict(cfg), meta=meta, result=payload, arrays=arrays)
+    result.cache_key = key
+    return result
+
+
+def _cached_result(results: ResultsCache, spec: analysis.AnalysisSpec, key: str) -> analysis.Result | None:
+    try:
+        entry = results.get(key)
+    except CorruptEntryError as err:
+        log.warning("%s; recomputing", err)
+        results.evict(key)
+        return None
+    if entry is None:
+        return None
+    return _result_of(spec, entry)
+
+
+def _result_of(spec: analysis.AnalysisSpec, entry: Entry) -> analysis.Result:
+    result = spec.result_cls.from_payload(entry.result, entry.arrays())
+    result.cache_key = entry.key
+    return result
+
+
+def load(key: str, results: ResultsCache | None = None) -> analysis.Result:
+    """A cached result by key (as listed by `cached()`)."""
+    results = results or cache()
+    entry = results.get(key)
+    if entry is None:
+        raise KeyError(f"no cached result {key[:12]}")
+    return _result_of(analysis.get(entry.meta["analysis"]), entry)
+
+
+def cached(
+    name: str | None = None, text: str | None = None, results: ResultsCache | None = None
+) -> list[dict]:
+    """Index rows of cached results, newest first."""
+    return (results or cache()).list(analysis=name, text=text)
+
+
+def _provenance(spec: analysis.AnalysisSpec, cfg: Any, duration: float) -> dict[str, Any]:
+    return {
+        "analysis": spec.name,
+        "version": spec.version,
+        "model": getattr(cfg, "model", None),
+        "created": time.time(),
+        "duration_s": round(duration, 3),
+        "git_sha": _git_sha(),
+        "python": platform.python_version(),
+        "packages": {
+            p: _version(p) for p in ("torch", "transformers", "transformer-lens", "sae-lens", "mi-workbench")
+        },
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return "not installed"
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

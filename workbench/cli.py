@@ -1,0 +1,272 @@
+"""`workbench` command line. Options of `capture` and `run <analysis>` are generated from the config
+dataclasses, and their help text from the docstrings under each field."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+from workbench import analysis, api
+from workbench.cache import CorruptEntryError
+from workbench.capture import CaptureConfig
+from workbench.data import DataSourceError
+from workbench.models import ModelNotAvailableError
+from workbench.sites import UnknownSiteError
+from workbench.store import StoreError
+
+USER_ERRORS = (
+    ModelNotAvailableError,
+    UnknownSiteError,
+    StoreError,
+    DataSourceError,
+    CorruptEntryError,
+    ValueError,
+    KeyError,
+)
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def _options_from(config_cls: type) -> list[click.Option]:
+    docs = analysis.field_docs(config_cls)
+    hints = typing.get_type_hints(config_cls)
+    options = []
+    for f in dataclasses.fields(config_cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        if hint is bool:
+            options.append(
+                click.Option(
+                    [f"{flag}/--no-{f.name.replace('_', '-')}"], default=default, help=docs.get(f.name)
+                )
+            )
+            continue
+        if typing.get_origin(hint) is tuple:
+            default = ",".join(default)
+            hint = str
+        options.append(
+            click.Option(
+                [flag],
+                type=hint if hint in (int, float, str) else str,
+                default=default,
+                show_default=True,
+                help=docs.get(f.name),
+            )
+        )
+    return options
+
+
+def _print_rows(rows: list[dict], columns: list[str] | None = None) -> None:
+    if not rows:
+        click.echo("(none)")
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _guard(fn):
+    """Turn known user errors into one readable line and exit code 2, never a traceback."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            click.echo(f"error: {message}", err=True)
+            sys.exit(2)
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
+class Workbench(click.Group):
+    """Top-level group: any registered analysis also works as a command (`workbench train-sae ...`)."""
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or RUN.get_command(ctx, name)
+
+
+@click.group(cls=Workbench, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Mechanistic interpretability workbench: capture activations, run analyses, browse results."""
+
+
+@cli.command("models")
+def models_cmd() -> None:
+    """List model keys and where each comes from."""
+    _print_rows(api.list_models())
+
+
+@cli.command("stores")
+def stores_cmd() -> None:
+    """List activation stores with provenance and size."""
+    _print_rows(api.list_stores())
+
+
+@cli.command("list")
+def list_cmd() -> None:
+    """List registered analyses."""
+    _print_rows(api.list_analyses())
+
+
+@cli.command("results")
+@click.option("--analysis", default=None, help="Only this analysis.")
+@click.option("--search", default=None, help="Substring of the config, analysis or model.")
+def results_cmd(analysis: str | None, search: str | None) -> None:
+    """List cached results, newest first."""
+    rows = api.cached(analysis, search)
+    _print_rows(
+        [{k: r[k] for k in ("key", "analysis", "model", "duration")} | {"key": r["key"][:16]} for r in rows]
+    )
+
+
+def _report(result, html: str | None) -> None:
+    _print_rows(result.summary())
+    click.echo(f"cached as {result.cache_key}")
+    if html:
+        _write_html(result, Path(html))
+        click.echo(f"figures written to {html}")
+
+
+def _write_html(result, path: Path) -> None:
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs="cdn" if i else True)
+        for i, fig in enumerate(result.figures().values())
+    ]
+    path.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
+
+
+@cli.command("show")
+@click.argument("key")
+@click.option("--html", default=None, help="Write the result's figures to this HTML file.")
+@_guard
+def show_cmd(key: str, html: str | None) -> None:
+    """Show a cached result by key (a unique prefix is enough)."""
+    matches = [r["key"] for r in api.cached() if r["key"].startswith(key)]
+    if len(matches) != 1:
+        raise KeyError(f"{len(matches)} cached results match '{key}'")
+    _report(api.load(matches[0]), html)
+
+
+def _capture_command() -> click.Command:
+    @_guard
+    def callback(out: str | None, **kwargs):
+        kwargs["sites"] = tuple(s.strip() for s in kwargs["sites"].split(",") if s.strip())
+        store = api.capture(out=out, **kwargs)
+        click.echo(f"store: {store.root}  ({store.n_rows} rows, {len(store.sites)} sites)")
+
+    params = _options_from(CaptureConfig) + [
+        click.Option(
+            ["--out"],
+            default=None,
+            help="Store folder (default: content-addressed under $WORKBENCH_HOME/stores).",
+        )
+    ]
+    return click.Command(
+        "capture",
+        callback=callback,
+        params=params,
+        help="Capture activations at hook sites to an activation store (resumable).",
+    )
+
+
+class RunGroup(click.Group):
+    """`workbench run <analysis> [options]`: one subcommand per registered analysis."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [s.name for s in analysis.all_specs()]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        try:
+            spec = analysis.get(name)
+        except KeyError:
+            return None
+
+        @_guard
+        def callback(force: bool, html: str | None, as_json: bool, preset: str | None, **kwargs):
+            kwargs = _apply_preset(spec.name, preset, kwargs)
+            result = api.run(spec.name, force=force, **kwargs)
+            if as_json:
+                click.echo(json.dumps(result.summary(), default=str, indent=2))
+            else:
+                _report(result, html)
+
+        extra = [
+            click.Option(["--force"], is_flag=True, help="Recompute even if cached."),
+            click.Option(["--html"], default=None, help="Write the figures to this HTML file."),
+            click.Option(["--json", "as_json"], is_flag=True, help="Print the summary as JSON."),
+            click.Option(
+                ["--preset"],
+                default=None,
+                help="JSON file of option values (data/presets/); explicit options win.",
+            ),
+        ]
+        return click.Command(
+            name, callback=callback, params=_options_from(spec.config_cls) + extra, help=spec.doc
+        )
+
+
+def _apply_preset(name: str, preset: str | None, kwargs: dict) -> dict:
+    """Preset values replace defaults; options the user typed on the command line still win."""
+    if not preset:
+        return kwargs
+    try:
+        values = json.loads(Path(preset).read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot read preset {preset}: {err}") from err
+    if values.get("analysis", name) != name:
+        raise ValueError(f"preset {preset} is for '{values['analysis']}', not '{name}'")
+    ctx = click.get_current_context()
+    typed = {k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    return {**kwargs, **{k: v for k, v in values.get("config", {}).items() if k not in typed}}
+
+
+cli.add_command(_capture_command())
+RUN = RunGroup("run", help="Run an analysis (cached): workbench run <analysis> --help")
+cli.add_command(RUN)
+
+
+@cli.command("app")
+@click.option("--port", default=8501, show_default=True)
+@click.option("--headless/--no-headless", default=True, show_default=True)
+def app_cmd(port: int, headless: bool) -> None:
+    """Start the Streamlit workbench in the browser."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.headless",
+        str(headless).lower(),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    sys.exit(subprocess.call(cmd))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()
