@@ -31,7 +31,7 @@ class StatsConfig:
     """Comma-separated hook names or globs to capture when no store is given."""
     data: str = field(default_factory=default_source)
     """Text source to capture from when no store is given."""
-    n_tokens: int = 4096
+    n_tokens: int = 2048
     """Token budget of the capture when no store is given."""
     ctx_len: int = 128
     """Context length of the capture when no store is given."""

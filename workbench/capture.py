@@ -49,8 +49,8 @@ class CaptureConfig:
     """TransformerLens hook names or globs, e.g. blocks.*.mlp.hook_post."""
     data: str = field(default_factory=data.default_source)
     """Text source: .txt/.jsonl/.json/.parquet path or hf:<dataset>."""
-    n_tokens: int = 4096
-    """Token budget (rounded down to whole sequences)."""
+    n_tokens: int = 2048
+    """Token budget (rounded down to whole sequences; a shorter text gives fewer)."""
     ctx_len: int = 128
     """Tokens per sequence, BOS included."""
     bos: str = "prepend"

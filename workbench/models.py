@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -144,10 +145,19 @@ def _convert_gguf(spec: GgufSpec) -> Path:
     model.hf_quantizer = None  # weights are already dequantized; this lets save_pretrained write them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    # Build in a private folder and rename: concurrent first loads never see a half-written model.
+    tmp = folder.with_name(f".{spec.key}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     marker = {"key": spec.key, "source": str(gguf), "weights_hash": paths.sha256_file(gguf)}
-    paths.atomic_write_json(folder / "workbench.json", marker)
+    paths.atomic_write_json(tmp / "workbench.json", marker)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first (or a stale partial folder is in the way)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_converted(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            return _convert_gguf(spec)
     return folder
 
 
