@@ -190,3 +190,14 @@ def _git_sha() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+# Prompt lens and analysis forms for the app (workbench/lens.py).
+from workbench.lens import (  # noqa: E402, F401
+    LensError,
+    config_fields,
+    dictionary_info,
+    load_dictionary,
+    parse_form,
+    prompt_lens,
+)
