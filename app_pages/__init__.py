@@ -1,0 +1,1 @@
+"""Thin Streamlit pages of the workbench app (see app.py)."""

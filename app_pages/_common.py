@@ -1,0 +1,173 @@
+"""Helpers shared by the app's pages: the cached model handle, error display, background analysis
+jobs with live progress, token highlighting, and cached result loading.
+
+Streamlit reruns the whole page script on every interaction, so everything expensive is cached:
+the model in `st.cache_resource(max_entries=1)` (a rerun never reloads it, streamlit#5998),
+loaded results by cache key in `st.cache_resource` (tensors are never pickled into
+`st.cache_data`), and analysis runs happen in a background thread the page polls.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+
+from workbench import api
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# --- errors ------------------------------------------------------------------------------
+def message(err: BaseException) -> str:
+    """One readable line for an exception (KeyError's repr quotes are dropped)."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return str(text) or err.__class__.__name__
+
+
+@contextmanager
+def guard(what: str) -> Iterator[None]:
+    """Show any error raised inside as `st.error`, never a traceback; the rest of the page renders."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - every failure a user can cause lands here
+        st.error(f"{what}: {message(err)}")
+
+
+# --- cached resources --------------------------------------------------------------------
+@st.cache_resource(max_entries=1, show_spinner="Loading model…")
+def model(key: str):
+    """The one model handle of this server process; switching models releases the previous one."""
+    return api.load_model(key)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def result(key: str):
+    """A cached result by key, loaded once per server process."""
+    return api.load(key)
+
+
+@st.cache_resource(max_entries=16, show_spinner=False)
+def figures(key: str) -> dict:
+    return result(key).figures()
+
+
+def cached_key(name: str, **overrides: Any) -> str | None:
+    """The cache key of `name` with these options if that result is already computed, else None."""
+    key = api.key_for(name, api.make_config(name, **overrides))
+    return key if any(r["key"] == key for r in api.cached(name)) else None
+
+
+def analysis_names() -> list[str]:
+    return [a["name"] for a in api.list_analyses()]
+
+
+def param(name: str, default: Any = "") -> Any:
+    """A query-parameter value (links into a page prefill it), else `default`."""
+    return st.query_params.get(name, default)
+
+
+# --- background jobs ---------------------------------------------------------------------
+@dataclass
+class Job:
+    """One analysis run in a background thread; the page polls its fields."""
+
+    name: str
+    overrides: dict[str, Any]
+    done: int = 0
+    total: int = 0
+    status: str = "running"
+    error: str = ""
+    key: str = ""
+    started: float = field(default_factory=time.time)
+
+    def progress(self, i: int, total: int) -> None:
+        self.done, self.total = i, total
+
+    @property
+    def fraction(self) -> float:
+        return min(self.done / self.total, 1.0) if self.total else 0.0
+
+
+@st.cache_resource
+def _jobs() -> dict[str, Job]:
+    return {}
+
+
+def job_id(name: str, overrides: dict[str, Any]) -> str:
+    return name + ":" + json.dumps(overrides, sort_keys=True, default=str)
+
+
+def start_job(name: str, overrides: dict[str, Any]) -> str:
+    """Run `api.run(name, **overrides)` in a thread (once per identical request); returns the job id."""
+    jid = job_id(name, overrides)
+    jobs = _jobs()
+    if jid in jobs and jobs[jid].status == "running":
+        return jid
+    job = jobs[jid] = Job(name, overrides)
+
+    def work() -> None:
+        try:
+            job.key = api.run(name, progress=job.progress, **overrides).cache_key
+            job.status = "done"
+        except Exception as err:  # noqa: BLE001 - shown to the user by the polling page
+            job.error, job.status = message(err), "failed"
+
+    threading.Thread(target=work, name=f"workbench-{name}", daemon=True).start()
+    return jid
+
+
+def job(jid: str) -> Job | None:
+    return _jobs().get(jid)
+
+
+def poll(jid: str, every: float = 0.5) -> None:
+    """Live progress of a running job; reruns the whole page once it finishes."""
+
+    @st.fragment(run_every=every)
+    def panel() -> None:
+        j = job(jid)
+        if j is None or j.status != "running":
+            st.rerun()
+        label = f"{j.name}: {j.done}/{j.total}" if j.total else f"{j.name}: starting…"
+        st.progress(j.fraction, text=f"{label} ({time.time() - j.started:.0f} s)")
+
+    panel()
+
+
+# --- rendering ---------------------------------------------------------------------------
+def _colour(value: float, vmax: float) -> str:
+    alpha = min(abs(value) / vmax, 1.0) if vmax > 0 else 0.0
+    rgb = "255,110,0" if value >= 0 else "40,110,255"
+    return f"rgba({rgb},{alpha:.2f})"
+
+
+def token_html(tokens: list[str], values: list[float], vmax: float | None = None) -> str:
+    """Tokens as spans coloured by value (orange positive, blue negative); hover shows the value."""
+    vmax = vmax if vmax is not None else max((abs(v) for v in values), default=0.0)
+    spans = []
+    for i, (tok, v) in enumerate(zip(tokens, values)):
+        shown = html.escape(tok).replace("\n", "↵")
+        tip = html.escape(f"{i}: {tok!r} = {v:.4g}", quote=True)
+        spans.append(
+            f'<span class="tok" title="{tip}" style="background:{_colour(v, vmax)};'
+            f'border-radius:3px;padding:1px 0;white-space:pre">{shown}</span>'
+        )
+    return '<div style="line-height:1.9;font-family:monospace">' + "".join(spans) + "</div>"
+
+
+def show_result(key: str) -> None:
+    """A cached result's summary table and plotly figures."""
+    res = result(key)
+    rows = res.summary()
+    if rows:
+        st.dataframe(rows, hide_index=True, width="stretch")
+    for i, fig in enumerate(figures(key).values()):
+        st.plotly_chart(fig, key=f"fig-{key[:12]}-{i}", width="stretch")

@@ -1,0 +1,91 @@
+"""Analyses: one generic page per registered analysis — a form generated from its config, Run in
+the background with live progress, and the cached result's summary table and plotly figures."""
+
+import time
+
+import streamlit as st
+
+from app_pages import _common as ui
+from workbench import api
+
+st.title("Analyses")
+names = ui.analysis_names()
+if not names:
+    st.error("No analyses are registered (is the `analyses` package importable?).")
+    st.stop()
+
+# A result re-opened from Home (session state) or linked by `?key=` selects its analysis.
+open_key = st.session_state.pop("open_key", None) or ui.param("key", None)
+if open_key:
+    with ui.guard(f"cannot open cached result {open_key[:12]}"):
+        ui.result(open_key)
+        row = next(r for r in api.cached() if r["key"] == open_key)
+        st.session_state["analysis"] = row["analysis"]
+        st.session_state[f"show:{row['analysis']}"] = open_key
+
+if st.session_state.get("analysis") not in names:
+    st.session_state["analysis"] = (
+        ui.param("analysis", names[0]) if ui.param("analysis", "") in names else names[0]
+    )
+name = st.selectbox("Analysis", names, key="analysis")
+st.caption(next(a["doc"] for a in api.list_analyses() if a["name"] == name))
+
+
+def _widget(f: dict, value):
+    label, help_ = f["name"], f["doc"] or None
+    if f["kind"] == "bool":
+        return st.checkbox(label, value=bool(value), help=help_)
+    if f["kind"] == "int":
+        return int(st.number_input(label, value=int(value), step=1, help=help_))
+    if f["kind"] == "float":
+        return float(st.number_input(label, value=float(value), format="%g", help=help_))
+    return st.text_input(label, value=str(value), help=help_)
+
+
+fields = api.config_fields(name)
+with st.form(f"form:{name}"):
+    st.subheader("Options")
+    cols = st.columns(2)
+    values = {}
+    for i, f in enumerate(fields):
+        with cols[i % 2]:
+            values[f["name"]] = _widget(f, ui.param(f["name"], f["default"]))
+    force = st.checkbox("Recompute even if cached", value=False)
+    submitted = st.form_submit_button("Run", type="primary")
+
+if submitted:
+    with ui.guard(f"cannot run {name}"):
+        overrides = api.parse_form(name, values)
+        api.make_config(name, **overrides)  # bad option values fail here, before a thread starts
+        if force:
+            overrides["force"] = True
+        st.session_state[f"job:{name}"] = ui.start_job(name, overrides)
+
+jid = st.session_state.get(f"job:{name}")
+job = ui.job(jid) if jid else None
+if job is not None and job.status == "running":
+    ui.poll(jid)
+elif job is not None and job.status == "failed":
+    st.error(f"{name} failed: {job.error}")
+elif job is not None and job.status == "done":
+    st.session_state[f"show:{name}"] = job.key
+    st.session_state.pop(f"job:{name}")
+
+st.divider()
+cached = api.cached(name)
+if not cached:
+    st.info(f"No cached {name} results yet: set the options above and press Run.")
+    st.stop()
+labels = {
+    r["key"]: f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r['created']))} · "
+    f"{r['config'].get('store') or r['model'] or ''} · {r['key'][:10]}"
+    for r in cached
+}
+keys = list(labels)
+shown = st.session_state.get(f"show:{name}")
+key = st.selectbox(
+    "Cached result", keys, index=keys.index(shown) if shown in keys else 0, format_func=labels.get
+)
+st.subheader(f"{name} · {key[:12]}")
+with ui.guard("cannot show this result"):
+    ui.show_result(key)

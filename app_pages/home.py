@@ -1,0 +1,54 @@
+"""Home: models, activation stores and cached results (searchable, newest first, one-click re-open)."""
+
+import time
+
+import streamlit as st
+
+from app_pages._common import guard
+from workbench import api
+
+st.title("Mechanistic interpretability workbench")
+st.caption(
+    "Everything here is also `workbench …` on the command line and `import workbench as wb` in Jupyter."
+)
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
+
+
+def _open(key: str) -> None:
+    st.session_state["open_key"] = key
+
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Models")
+    with guard("cannot list models"):
+        st.dataframe(api.list_models(), hide_index=True, width="stretch")
+with right:
+    st.subheader("Activation stores")
+    with guard("cannot list stores"):
+        stores = [s | {"created": _when(s["created"])} for s in api.list_stores()]
+        if stores:
+            st.dataframe(stores, hide_index=True, width="stretch")
+        else:
+            st.info("No activation stores yet: `workbench capture --help`.")
+
+st.subheader("Cached results")
+search = st.text_input("Search cached results", placeholder="analysis, model or any config value")
+with guard("cannot list cached results"):
+    rows = api.cached(text=search or None)
+    if not rows:
+        st.info(
+            "No cached results"
+            + (f" matching '{search}'." if search else " yet: run one on the Analyses page.")
+        )
+    for row in rows[:50]:
+        cols = st.columns([2, 3, 2, 1, 1])
+        cols[0].markdown(f"**{row['analysis']}**")
+        cols[1].caption(row["model"] or row["config"].get("store", ""))
+        cols[2].caption(f"{_when(row['created'])} · {row['duration'] or 0:.1f} s")
+        cols[3].code(row["key"][:10], language=None)
+        if cols[4].button("Open", key=f"open-{row['key']}", on_click=_open, args=(row["key"],)):
+            st.switch_page("app_pages/analyses.py")

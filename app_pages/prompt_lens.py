@@ -1,0 +1,98 @@
+"""Prompt lens: type text, pick a model; tokens coloured by an MLP neuron, an SAE latent or the
+residual-stream norm at a layer (hover for values); top neurons and latents at a chosen token;
+next-token predictions. One cached forward pass per (model, text, layer, dictionary)."""
+
+import streamlit as st
+
+from app_pages import _common as ui
+from workbench import api
+
+DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"
+
+
+@st.cache_data(max_entries=32, show_spinner="Running the model…")
+def lens(model_key: str, text: str, layer: int, dictionary: str) -> dict:
+    """Plain lists and floats only (no tensors in st.cache_data)."""
+    return api.prompt_lens(ui.model(model_key), text, layer, dictionary=dictionary)
+
+
+def _dictionaries() -> list[str]:
+    """Dictionary folders found in cached train-sae results (any result field naming a folder)."""
+    found = []
+    for row in api.cached("train-sae"):
+        try:
+            res = ui.result(row["key"])
+        except Exception:  # noqa: BLE001 - a broken entry just isn't offered
+            continue
+        for value in vars(res).values():
+            if isinstance(value, str) and value not in found:
+                try:
+                    api.dictionary_info(value)
+                    found.append(value)
+                except Exception:  # noqa: BLE001 - not a dictionary folder
+                    pass
+    return found
+
+
+st.title("Prompt lens")
+with st.sidebar:
+    model_key = st.text_input(
+        "Model", value=ui.param("model", ui.DEFAULT_MODEL), help="A model key, local HF folder or Hub id"
+    )
+    layer = int(st.number_input("Layer", min_value=0, value=int(ui.param("layer", 0)), step=1))
+    mode = st.radio("Colour tokens by", ["MLP neuron", "SAE latent", "residual norm"], key="mode")
+    known = _dictionaries()
+    dictionary = st.text_input(
+        "Dictionary folder (SAE / transcoder)",
+        value=ui.param("dictionary", known[0] if known else ""),
+        help="SAELens-format folder (cfg.json + safetensors); trained ones: " + (", ".join(known) or "none"),
+    )
+text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90)
+
+view = None
+with ui.guard("cannot run the prompt lens"):
+    view = lens(model_key.strip(), text, layer, dictionary.strip())
+if view is None:
+    st.stop()
+
+tokens, n_pos = view["tokens"], len(view["tokens"])
+if mode == "MLP neuron":
+    d_mlp = len(view["neurons"][0])
+    unit = int(st.number_input(f"Neuron (0..{d_mlp - 1})", 0, d_mlp - 1, value=0, key="neuron"))
+    values, what = [row[unit] for row in view["neurons"]], f"neuron L{layer}/N{unit} (mlp.hook_post)"
+elif mode == "SAE latent" and view["latents"] is not None:
+    d_sae = len(view["latents"][0])
+    unit = int(st.number_input(f"Latent (0..{d_sae - 1})", 0, d_sae - 1, value=0, key="latent"))
+    values, what = [row[unit] for row in view["latents"]], f"latent {unit} of {view['latent_site']}"
+else:
+    if mode == "SAE latent":
+        st.warning("Give a dictionary folder in the sidebar to colour by SAE latents; showing residual norm.")
+    values, what = view["resid_norm"], f"residual-stream norm after layer {layer}"
+
+st.markdown(f"**{what}** · max {max(values):.4g} · min {min(values):.4g}")
+st.html(ui.token_html(tokens, values))
+
+pos = st.selectbox(
+    "Token", range(n_pos), index=n_pos - 1, format_func=lambda i: f"{i}: {tokens[i]!r}", key="pos"
+)
+cols = st.columns(3)
+with cols[0]:
+    st.subheader("Top neurons")
+    st.dataframe(
+        [{"neuron": i, "activation": a} for i, a in view["top_neurons"][pos]],
+        hide_index=True,
+        width="stretch",
+    )
+with cols[1]:
+    st.subheader("Top latents")
+    if view["top_latents"] is None:
+        st.caption("No dictionary given.")
+    else:
+        st.dataframe(
+            [{"latent": i, "activation": a} for i, a in view["top_latents"][pos]],
+            hide_index=True,
+            width="stretch",
+        )
+with cols[2]:
+    st.subheader("Next-token predictions")
+    st.dataframe(view["predictions"][pos], hide_index=True, width="stretch")
