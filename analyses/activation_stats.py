@@ -134,9 +134,7 @@ def site_kind(site: str) -> str:
 def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
     """Per-site activation statistics (mean, std, norm, max, fraction > 0, kurtosis, firing rates)."""
     store = ctx.store_or_capture(cfg.store, cfg.capture_config())
-    keep = store.token_ids() >= 0
-    if cfg.skip_bos:
-        keep &= torch.from_numpy(store.tokens().column("pos").to_numpy()) != 0
+    keep = store.positions() != 0 if cfg.skip_bos else torch.ones(store.n_rows, dtype=torch.bool)
     table, firing = [], {}
     work = [(site, i) for site in store.sites for i in range(store.n_shards(site))]
     moments = {s: _Moments(int(torch.tensor(store.shape(s)).prod())) for s in store.sites}

@@ -1,8 +1,8 @@
 """Prompt lens: what one model does on one piece of text, as plain Python data for the app.
 
 One forward pass gives, per token: the MLP neuron activations and residual-stream norm at a layer,
-the latents of a sparse dictionary (SAE / transcoder encoder, SAELens `cfg.json` + safetensors
-format) at its hook site, and the top next-token predictions. Everything returned is lists and
+the latents of a sparse dictionary (any SAELens-format folder: `cfg.json` + safetensors, encoded
+by SAELens' own class for its architecture) at its hook site, and the top next-token predictions. Everything returned is lists and
 floats (no tensors), so the app can cache it with `st.cache_data` and re-colour tokens without a
 second forward pass. Token-level views follow the feature-dashboard convention of colouring each
 token by one unit's activation (Bricken et al. 2023, "Towards Monosemanticity"; sae_vis).
@@ -11,47 +11,15 @@ token by one unit's activation (Bricken et al. 2023, "Towards Monosemanticity"; 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file
 
 
 class LensError(ValueError):
     """Bad lens input (empty text, layer out of range, unreadable dictionary); one readable message."""
-
-
-@dataclass
-class Dictionary:
-    """Encoder half of a sparse dictionary read from a SAELens-format folder."""
-
-    path: str
-    site: str
-    architecture: str
-    W_enc: Float[torch.Tensor, "d_in d_sae"]
-    b_enc: Float[torch.Tensor, " d_sae"]
-    b_dec: Float[torch.Tensor, " d_in"]
-    apply_b_dec_to_input: bool = True
-    k: int | None = None
-    threshold: torch.Tensor | None = None
-
-    @property
-    def d_sae(self) -> int:
-        return self.W_enc.shape[1]
-
-    def encode(self, x: Float[torch.Tensor, "pos d_in"]) -> Float[torch.Tensor, "pos d_sae"]:
-        """ReLU SAE (Bricken et al. 2023), TopK (Gao et al. 2024) or JumpReLU (Rajamanoharan et al. 2024)."""
-        sae_in = x - self.b_dec if self.apply_b_dec_to_input else x
-        pre = sae_in @ self.W_enc + self.b_enc  # [pos, d_sae]
-        if self.architecture == "topk" and self.k:
-            vals, idx = torch.relu(pre).topk(min(self.k, pre.shape[-1]), dim=-1)
-            return torch.zeros_like(pre).scatter(-1, idx, vals)
-        if self.architecture == "jumprelu" and self.threshold is not None:
-            return pre * (pre > self.threshold)
-        return torch.relu(pre)
 
 
 def _dictionary_files(folder: Path) -> tuple[dict, Path]:
@@ -62,33 +30,29 @@ def _dictionary_files(folder: Path) -> tuple[dict, Path]:
     return json.loads(cfg_path.read_text()), weights[0]
 
 
-def load_dictionary(path: str | Path) -> Dictionary:
-    """The encoder of the dictionary saved at `path` (a folder, or a file inside one)."""
+def _folder(path: str | Path) -> Path:
     folder = Path(path).expanduser()
     folder = folder.parent if folder.is_file() else folder
     if not folder.is_dir():
         raise LensError(f"no dictionary folder at {path}")
-    cfg, weights_path = _dictionary_files(folder)
-    weights = load_file(str(weights_path))
-    missing = {"W_enc", "b_enc"} - set(weights)
-    if missing:
-        raise LensError(f"{weights_path} lacks {sorted(missing)}; not an SAE/transcoder encoder")
-    meta = cfg.get("metadata") or {}
-    site = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("site")
-    if not site:
-        raise LensError(f"{folder}/cfg.json names no hook site (metadata.hook_name / hook_name)")
-    W_enc = weights["W_enc"].float()
-    return Dictionary(
-        path=str(folder),
-        site=site,
-        architecture=str(cfg.get("architecture", "standard")).lower(),
-        W_enc=W_enc,
-        b_enc=weights["b_enc"].float(),
-        b_dec=weights.get("b_dec", torch.zeros(W_enc.shape[0])).float(),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        k=cfg.get("k"),
-        threshold=weights["threshold"].float() if "threshold" in weights else None,
-    )
+    return folder
+
+
+def load_dictionary(path: str | Path):
+    """A SAELens `SAE` (any architecture registered with SAELens, ours included once `sae` is
+    imported) from a SAELens-format folder; its `encode` gives the latents."""
+    folder = _folder(path)
+    cfg, _ = _dictionary_files(folder)
+    from sae_lens import SAE
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAE_CLASS_REGISTRY:
+        raise LensError(f"{folder}: architecture '{arch}' is not an inference SAE class known to SAELens")
+    try:
+        return SAE.load_from_disk(str(folder), device="cpu")
+    except Exception as err:  # noqa: BLE001 - SAELens raises many types on bad files
+        raise LensError(f"cannot load the dictionary at {folder}: {err}") from err
 
 
 def _check_layer(model, layer: int) -> None:
@@ -145,12 +109,15 @@ def prompt_lens(model, text: str, layer: int, dictionary: str = "", k: int = 10)
         raise LensError("type some text first")
     _check_layer(model, layer)
     dic = load_dictionary(dictionary) if dictionary else None
+    site = (dic.cfg.metadata.hook_name or "") if dic is not None else ""
+    if dic is not None and not site:
+        raise LensError(f"{dictionary}/cfg.json names no hook site (metadata.hook_name)")
     mlp, resid = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post"
     tokens = model.to_tokens(text)  # [1, pos], BOS prepended as the Bridge does by default
     if tokens.shape[1] > model.cfg.n_ctx:
         raise LensError(f"text is {tokens.shape[1]} tokens; this model takes at most {model.cfg.n_ctx}")
     try:
-        logits, acts = _forward(model, tokens, [mlp, resid] + ([dic.site] if dic else []))
+        logits, acts = _forward(model, tokens, [mlp, resid] + ([site] if site else []))
     except (KeyError, ValueError) as err:
         raise LensError(f"cannot hook this model: {err}") from err
     out: dict[str, Any] = {
@@ -166,26 +133,24 @@ def prompt_lens(model, text: str, layer: int, dictionary: str = "", k: int = 10)
         "latent_site": None,
     }
     if dic is not None:
-        if acts[dic.site].shape[-1] != dic.W_enc.shape[0]:
+        if acts[site].shape[-1] != dic.cfg.d_in:
             raise LensError(
-                f"dictionary input width {dic.W_enc.shape[0]} does not match {dic.site} "
-                f"width {acts[dic.site].shape[-1]}: it was trained on another model"
+                f"dictionary input width {dic.cfg.d_in} does not match {site} "
+                f"width {acts[site].shape[-1]}: it was trained on another model"
             )
-        latents = dic.encode(acts[dic.site])  # [pos, d_sae]
+        with torch.no_grad():
+            latents = dic.encode(acts[site]).float()  # [pos, d_sae]
         out |= {
             "latents": latents.tolist(),
             "top_latents": [_top(row, k) for row in latents],
-            "latent_site": dic.site,
+            "latent_site": site,
         }
     return out
 
 
 def dictionary_info(path: str | Path) -> dict[str, Any]:
     """Site, width and architecture of a saved dictionary, from its cfg.json alone (no weights read)."""
-    folder = Path(path).expanduser()
-    folder = folder.parent if folder.is_file() else folder
-    if not folder.is_dir():
-        raise LensError(f"no dictionary folder at {path}")
+    folder = _folder(path)
     cfg, _ = _dictionary_files(folder)
     meta = cfg.get("metadata") or {}
     return {

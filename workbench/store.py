@@ -124,7 +124,12 @@ class ActivationStore:
         return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else pa.table({})
 
     def token_ids(self) -> torch.Tensor:
+        """[rows] token id of every stored row."""
         return torch.from_numpy(self.tokens().column("token").to_numpy().astype(np.int64))
+
+    def positions(self) -> torch.Tensor:
+        """[rows] position of every stored row inside its sequence (0 = BOS under the prepend policy)."""
+        return torch.from_numpy(self.tokens().column("pos").to_numpy().astype(np.int64))
 
     # --- reading ------------------------------------------------------------------------
     def shard(self, site: str, index: int) -> torch.Tensor:

@@ -1,0 +1,110 @@
+"""Activation store: parity with run_with_cache, reading, shuffling, damage handling."""
+
+import pytest
+import torch
+
+from workbench.capture import CaptureConfig, capture
+from workbench.sites import UnknownSiteError, to_rows
+from workbench.store import ActivationStore, StoreError
+
+SITES = (
+    "blocks.*.mlp.hook_pre",
+    "blocks.*.mlp.hook_post",
+    "blocks.*.hook_resid_{pre,mid,post}",
+    "blocks.*.attn.hook_z",
+    "blocks.*.hook_attn_out",
+    "blocks.*.attn.hook_pattern",
+)
+
+
+def _capture(model_dir, wikitext, **kw):
+    from workbench.models import load_model
+
+    model = load_model(str(model_dir))
+    cfg = CaptureConfig(
+        model=str(model_dir),
+        data=wikitext,
+        **{"sites": SITES, "n_tokens": 256, "ctx_len": 32, "batch_size": 2, "shard_tokens": 64, **kw},
+    )
+    return model, capture(cfg, model=model, progress=False)
+
+
+def test_store_equals_run_with_cache(tiny_model_dir_any, wikitext):
+    model, store = _capture(tiny_model_dir_any, wikitext)
+    assert store.complete and store.n_rows == 256 and store.n_shards(store.sites[0]) == 4
+    # every pattern resolved for both layers (GPT-NeoX's parallel residual has no resid_mid)
+    assert {"blocks.1.mlp.hook_post", "blocks.1.attn.hook_pattern", "blocks.0.attn.hook_z"} <= set(
+        store.sites
+    )
+    assert len(store.sites) == (14 if "neox" in str(tiny_model_dir_any) else 16)
+    tokens = store.token_ids().reshape(-1, 32)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+    for site in store.sites:
+        diff = (store.read(site) - to_rows(site, cache[site])).abs().max().item()
+        assert diff <= 1e-5, f"{site}: {diff}"
+
+
+def test_token_table_and_bos_policy(tiny_model, tiny_model_dir, wikitext):
+    _, store = _capture(tiny_model_dir, wikitext, sites=("blocks.0.mlp.hook_post",))
+    table = store.tokens().to_pydict()
+    assert table["pos"][:3] == [0, 1, 2] and table["seq"][32] == 1
+    bos = tiny_model.tokenizer.bos_token_id
+    assert all(t == bos for t, p in zip(table["token"], table["pos"]) if p == 0)
+    _, raw = _capture(tiny_model_dir, wikitext, sites=("blocks.0.mlp.hook_post",), bos="none")
+    assert raw.token_ids()[0].item() != bos and raw.fingerprint != store.fingerprint
+
+
+def test_reads_slices_and_seeded_shuffle(tiny_model_dir, wikitext):
+    _, store = _capture(tiny_model_dir, wikitext, sites=("blocks.1.mlp.hook_post",))
+    site = "blocks.1.mlp.hook_post"
+    full = store.read(site)
+    assert torch.equal(store.read(site, 50, 130), full[50:130])  # crosses shard boundaries
+    a = torch.cat(list(store.batches(site, 48, seed=3, buffer_shards=2)))
+    b = torch.cat(list(store.batches(site, 48, seed=3, buffer_shards=2)))
+    c = torch.cat(list(store.batches(site, 48, seed=4, buffer_shards=2)))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, full)  # shuffled ...
+    assert torch.equal(a.sum(0), a.sum(0)) and torch.allclose(
+        a.sum(0), full.sum(0), atol=1e-3
+    )  # ... same rows
+
+
+def test_low_precision_dtypes(tiny_model_dir, wikitext):
+    _, f32 = _capture(tiny_model_dir, wikitext, sites=("blocks.0.hook_resid_post",))
+    _, f16 = _capture(tiny_model_dir, wikitext, sites=("blocks.0.hook_resid_post",), dtype="float16")
+    x16 = f16.read("blocks.0.hook_resid_post")
+    assert x16.dtype == torch.float16
+    assert torch.allclose(x16.float(), f32.read("blocks.0.hook_resid_post"), atol=1e-2, rtol=1e-2)
+
+
+def test_unknown_site_fails_before_compute(tiny_model, tiny_model_dir, wikitext, workbench_home):
+    cfg = CaptureConfig(
+        model=str(tiny_model_dir), data=wikitext, sites=("blocks.*.mlp.hook_postt",), n_tokens=64, ctx_len=32
+    )
+    with pytest.raises(UnknownSiteError, match="Valid sites: .*blocks.\\*.mlp.hook_post"):
+        capture(cfg, model=tiny_model, progress=False)
+    assert (
+        not list((workbench_home / "stores").glob("*/run.json"))
+        if (workbench_home / "stores").exists()
+        else True
+    )
+
+
+def test_truncated_shard_gives_clear_error_and_resume_rewrites_it(tiny_model, tiny_model_dir, wikitext):
+    _, store = _capture(tiny_model_dir, wikitext, sites=("blocks.0.mlp.hook_post",))
+    good = store.read("blocks.0.mlp.hook_post")
+    shard = store.root / "acts" / "blocks.0.mlp.hook_post" / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(StoreError, match="shard 2 of site blocks.0.mlp.hook_post is missing or truncated"):
+        ActivationStore(store.root).read("blocks.0.mlp.hook_post")
+    # The same capture command notices the damage and rewrites from the first bad shard on.
+    run = (store.root / "run.json").read_text().replace('"complete"', '"running"')
+    (store.root / "run.json").write_text(run)
+    _, again = _capture(tiny_model_dir, wikitext, sites=("blocks.0.mlp.hook_post",))
+    assert torch.equal(again.read("blocks.0.mlp.hook_post"), good)
+
+
+def test_missing_store_message(tmp_path):
+    with pytest.raises(StoreError, match="no activation store"):
+        ActivationStore(tmp_path / "nothing")
