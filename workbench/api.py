@@ -197,6 +197,7 @@ from workbench.lens import (  # noqa: E402, F401
     LensError,
     config_fields,
     dictionary_info,
+    list_dictionaries,
     load_dictionary,
     parse_form,
     prompt_lens,

@@ -195,3 +195,16 @@ def parse_form(name: str, values: dict[str, Any]) -> dict[str, Any]:
         k: tuple(s.strip() for s in str(v).split(",") if s.strip()) if kinds[k] == "list" else v
         for k, v in values.items()
     }
+
+
+def list_dictionaries() -> list[dict[str, Any]]:
+    """Every dictionary folder under `$WORKBENCH_HOME/dictionaries` (where training saves them)."""
+    from workbench import paths
+
+    rows = []
+    for cfg_path in sorted((paths.home() / "dictionaries").glob("*/cfg.json")):
+        try:
+            rows.append(dictionary_info(cfg_path.parent))
+        except (LensError, OSError, ValueError):
+            continue
+    return rows
