@@ -171,3 +171,38 @@ def show_result(key: str) -> None:
         st.dataframe(rows, hide_index=True, width="stretch")
     for i, fig in enumerate(figures(key).values()):
         st.plotly_chart(fig, key=f"fig-{key[:12]}-{i}", width="stretch")
+
+
+def cached_or_run(name: str, overrides: dict[str, Any], what: str) -> str | None:
+    """The cache key of `name(**overrides)` if computed; else a Run button and live progress."""
+    if name not in analysis_names():
+        st.warning(f"The '{name}' analysis is not installed in this workbench.")
+        return None
+    key = cached_key(name, **overrides)
+    if key:
+        return key
+    jid = job_id(name, overrides)
+    j = job(jid)
+    if j is not None and j.status == "running":
+        poll(jid)
+        return None
+    if j is not None and j.status == "failed":
+        st.error(f"{name} failed: {j.error}")
+    st.info(f"No cached {name} result for {what} yet.")
+    if st.button(f"Compute {name} for {what}", type="primary", key=f"run-{jid}"):
+        start_job(name, overrides)
+        st.rerun()
+    return None
+
+
+def stores_with(site_filter: str = "") -> list[dict]:
+    """Stores (newest first) that hold a site containing `site_filter`."""
+    rows = []
+    for row in api.list_stores():
+        try:
+            sites = api.open_store(row["path"]).sites
+        except Exception:  # noqa: BLE001 - a damaged store is just not offered
+            continue
+        if any(site_filter in s for s in sites):
+            rows.append(row | {"sites": sites})
+    return rows

@@ -1,0 +1,88 @@
+"""One neuron's or latent's dashboard, drawn from a cached `dashboards` result: summary numbers,
+max-activating contexts with token highlighting, activation histogram, output-logit effect and
+neighbours. The layout follows the feature pages researchers know (Bricken et al. 2023 →
+sae_vis → SAEDashboard → Neuronpedia). It reads the plain-Python view `result.latent(i)`: top
+contexts, quantile samples, logits, neighbours, histogram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from app_pages import _common as ui
+
+
+def histogram(hist: dict, i: int, unit: str) -> go.Figure:
+    counts, edges = hist["counts"], hist["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
+    fig = go.Figure(go.Bar(x=centres, y=counts, width=[b - a for a, b in zip(edges, edges[1:])]))
+    fig.update_layout(
+        title=f"activation histogram ({unit} {i}, tokens where it fires)",
+        xaxis_title="activation",
+        yaxis_title="tokens",
+        height=280,
+        margin=dict(l=10, r=10, t=40, b=10),
+    )
+    return fig
+
+
+def _logit_rows(pairs: list) -> list[dict]:
+    return [{"token": t, "logit effect": round(v, 4)} for t, v in pairs]
+
+
+def _contexts(ctxs: list[dict], vmax: float | None) -> None:
+    for c in ctxs:
+        st.html(ui.token_html(c["tokens"], c["acts"], vmax=vmax))
+
+
+def _numbers(d: dict, res) -> None:
+    cols = st.columns(4)
+    cols[0].metric("density", f"{d['density']:.3%}")
+    cols[1].metric("max activation", f"{d['max_act']:.4g}")
+    cols[2].metric("mean activation (when firing)", f"{d['mean_act']:.4g}")
+    cols[3].metric("tokens scanned", f"{int(res.n_tokens):,}")
+
+
+def show(res, i: int, unit: str, on_neighbour: Callable[[int], None]) -> None:
+    """Draw the dashboard of unit `i` from `res.latent(i)`; neighbour buttons call `on_neighbour(j)`."""
+    n = int(res.n_latents)
+    if not 0 <= i < n:
+        st.error(f"{unit} {i} is out of range: this result has {unit}s 0..{n - 1}")
+        return
+    d = res.latent(i)
+    _numbers(d, res)
+    vmax = d["max_act"] or None
+    left, right = st.columns([3, 2])
+    with left:
+        st.subheader("Max-activating contexts")
+        if not d["top"]:
+            st.info(f"This {unit} never fired on the scanned tokens.")
+        _contexts(d["top"], vmax)
+        for q in reversed(d.get("quantiles", [])):
+            if q["contexts"]:
+                with st.expander(f"samples with activation in ({q['bin_min']:.3g}, {q['bin_max']:.3g}]"):
+                    _contexts(q["contexts"], vmax)
+    with right:
+        st.plotly_chart(histogram(d["hist"], i, unit), key=f"hist-{unit}-{i}", width="stretch")
+        up, down = st.columns(2)
+        up.caption("promoted tokens (output-logit effect)")
+        up.dataframe(_logit_rows(d["pos_logits"]), hide_index=True, width="stretch")
+        down.caption("suppressed tokens")
+        down.dataframe(_logit_rows(d["neg_logits"]), hide_index=True, width="stretch")
+        if getattr(res, "logit_note", ""):
+            st.caption(res.logit_note)
+    st.subheader("Neighbours")
+    if not d["neighbors"]:
+        st.caption("none")
+    cols = st.columns(max(len(d["neighbors"]), 1))
+    for col, (j, cos) in zip(cols, d["neighbors"]):
+        col.button(
+            f"{unit} {j} ({cos:+.2f})",
+            key=f"nb-{unit}-{i}-{j}",
+            on_click=on_neighbour,
+            args=(j,),
+            help="nearest by output-direction cosine; click to open it",
+        )

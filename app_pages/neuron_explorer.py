@@ -1,0 +1,61 @@
+"""Neuron explorer: store + layer + neuron -> max-activating contexts with token highlighting,
+activation histogram, output-logit effect, and the most correlated neurons to jump to. Data from
+the cached `dashboards` analysis over the store's MLP activations (computed on request)."""
+
+import streamlit as st
+
+from app_pages import _common as ui
+from app_pages import _latent
+from workbench import api
+
+st.title("Neuron explorer")
+
+
+def _goto(j: int) -> None:
+    st.session_state["neuron"] = j
+
+
+stores = ui.stores_with("mlp.hook_post")
+with st.sidebar:
+    options = [s["path"] for s in stores]
+    picked = st.selectbox(
+        "Activation store",
+        options,
+        index=options.index(ui.param("store")) if ui.param("store") in options else 0,
+        format_func=lambda p: (
+            f"{p.rsplit('/', 1)[-1][:12]} · "
+            + next(f"{s['model']} · {s['rows']} rows" for s in stores if s["path"] == p)
+        ),
+    )
+    typed = st.text_input("…or a store path", value="" if ui.param("store") in options else ui.param("store"))
+store_path = typed.strip() or picked
+if not store_path:
+    st.info(
+        "No activation store holds MLP activations yet: `workbench capture --sites 'blocks.*.mlp.hook_post'`."
+    )
+    st.stop()
+
+store = None
+with ui.guard("cannot open the store"):
+    store = api.open_store(store_path)
+if store is None:
+    st.stop()
+mlp_sites = [s for s in store.sites if s.endswith("mlp.hook_post")]
+if not mlp_sites:
+    st.error(f"Store {store_path} holds no MLP activations (sites: {', '.join(store.sites)}).")
+    st.stop()
+layers = [int(s.split(".")[1]) for s in mlp_sites]
+with st.sidebar:
+    wanted = int(ui.param("layer", layers[0]))
+    layer = st.selectbox("Layer", layers, index=layers.index(wanted) if wanted in layers else 0)
+site = f"blocks.{layer}.mlp.hook_post"
+d_mlp = store.shape(site)[-1]
+if "neuron" not in st.session_state:
+    st.session_state["neuron"] = int(ui.param("neuron", 0))
+neuron = int(st.number_input(f"Neuron (0..{d_mlp - 1})", min_value=0, step=1, key="neuron"))
+st.caption(f"{site} of {store.config['model']} · {store.n_rows:,} tokens")
+
+key = ui.cached_or_run("dashboards", {"store": store_path, "site": site, "dictionary": ""}, f"layer {layer}")
+if key:
+    with ui.guard("cannot show this neuron"):
+        _latent.show(ui.result(key), neuron, "neuron", _goto)
