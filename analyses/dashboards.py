@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from analyses.sae_eval import dictionary_sites, load_dictionary
+from analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
 from sae.metrics import nearest_by_cosine
 from workbench.analysis import Result, register
 from workbench.context import Context
@@ -435,6 +435,8 @@ def _resolve(cfg: DashboardConfig, store):
     if sae is not None and cfg.site and cfg.site != dictionary_sites(sae)[0]:
         raise ValueError(f"dictionary reads {dictionary_sites(sae)[0]}, not --site {cfg.site}")
     store.records(site)  # readable error when the store lacks the site
+    if sae is not None:
+        check_processing(sae, store)
     return sae, site
 
 

@@ -26,19 +26,28 @@ from workbench.context import Context
 from workbench.sites import layer_of
 
 
-def load_dictionary(path: str):
-    """A SAELens SAE/Transcoder from a folder (our `sae.io` when present, else SAELens' loader)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no dictionary at '{path}' (expected a folder with cfg.json + safetensors)")
+def load_dictionary(spec: str):
+    """A SAELens SAE/Transcoder: `sae.io.load_dictionary` (folder, saved name or release/id), else a folder."""
     try:
         from sae.io import load_dictionary as load
-    except ImportError:
+    except ImportError:  # sae.io not installed alongside: plain SAELens folders only
         from sae_lens import SAE
 
-        def load(p):
-            return SAE.load_from_disk(p)
+        if not Path(spec).exists():
+            raise FileNotFoundError(
+                f"no dictionary at '{spec}' (expected a folder with cfg.json + safetensors)"
+            ) from None
+        load = SAE.load_from_disk
+    return load(spec).eval()
 
-    return load(path).eval()
+
+def check_processing(sae, store) -> None:
+    """Never mix weight-processing modes silently (DESIGN.md: raw HF numerics vs TL 'compat')."""
+    theirs, ours = getattr(sae.cfg.metadata, "processing", None), store.config.get("processing", "raw")
+    if theirs and theirs != ours:
+        raise ValueError(
+            f"dictionary was trained on '{theirs}' activations but the store holds '{ours}' ones"
+        )
 
 
 def dictionary_sites(sae) -> tuple[str, str]:
@@ -230,6 +239,7 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
     """Row of metrics and per-latent/per-token tensors for one dictionary."""
     hook_in, hook_out = dictionary_sites(sae)
     _check_store(store, hook_in, hook_out, path)
+    check_processing(sae, store)
     keep = _rows_kept(store, cfg.n_tokens, cfg.skip_bos)
     out = _stored_metrics(sae, store, hook_in, hook_out, keep, cfg, ctx)
     stats, freq = out["stats"], out["stats"].frequency()
