@@ -1,0 +1,27 @@
+"""Sparse dictionaries: SAEs, transcoders, MP-SAE and top-AFA, trained from the activation store.
+
+Importing this package registers our architectures in SAELens' registry, so every dictionary
+saves and loads as SAELens `cfg.json` + `sae_weights.safetensors` (`SAE.load_from_disk`).
+"""
+
+from __future__ import annotations
+
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+from sae.topafa import TopAFASAE, TopAFASAEConfig, TopAFATrainingSAE, TopAFATrainingSAEConfig
+from sae.transcoder import TranscoderTrainingSAE, TranscoderTrainingSAEConfig
+
+
+def _register() -> None:
+    """Idempotent: SAELens raises on a second registration of the same name."""
+    if "top_afa" not in SAE_CLASS_REGISTRY:
+        SAE_CLASS_REGISTRY["top_afa"] = (TopAFASAE, TopAFASAEConfig)
+    if "top_afa" not in SAE_TRAINING_CLASS_REGISTRY:
+        SAE_TRAINING_CLASS_REGISTRY["top_afa"] = (TopAFATrainingSAE, TopAFATrainingSAEConfig)
+    if "transcoder" not in SAE_TRAINING_CLASS_REGISTRY:
+        SAE_TRAINING_CLASS_REGISTRY["transcoder"] = (TranscoderTrainingSAE, TranscoderTrainingSAEConfig)
+
+
+_register()
+
+__all__ = ["TopAFASAE", "TopAFATrainingSAE", "TranscoderTrainingSAE"]

@@ -1,0 +1,309 @@
+"""Train a sparse dictionary (SAE, transcoder, MP-SAE, top-AFA) from an activation store.
+
+    workbench train-sae --store ~/.cache/workbench/stores/<run> --site blocks.15.hook_resid_post \
+        --arch topk --d-sae 4608 --k 32
+
+Batches come from the store (seeded shuffle, never a model forward per step); SAELens' trainer does
+the optimisation (see `sae/train.py`). The dictionary is saved in SAELens' format under
+`$WORKBENCH_HOME/dictionaries/<key>` (load it with `sae.io.load_dictionary`) with the store's
+model, hook names, processing mode and BOS policy in its `cfg.json` metadata. Checkpoints live in
+the run's work folder, so re-running a killed command resumes it. Architectures and equations:
+methods.md §2 (Gao et al. 2024; Bussmann et al. 2024; Rajamanoharan et al. 2024; Dunefsky et al.
+2024; Costa et al. 2025; Lee et al. 2025).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from sae.archs import ARCHS, ArchSpec, build
+from sae.data import StoreStream, mean_norm, sample_rows
+from sae.io import dictionaries_dir, load_dictionary, save_dictionary
+from sae.train import LoopConfig, train
+from workbench.analysis import Result, register
+from workbench.capture import CaptureConfig
+from workbench.context import Context
+from workbench.data import default_source
+from workbench.models import DEFAULT_MODEL
+from workbench.store import ActivationStore
+
+
+@dataclass(frozen=True)
+class TrainSAEConfig:
+    store: str = ""
+    """Activation store to train from; empty = capture one (model, data, capture_tokens below)."""
+    site: str = ""
+    """Input hook name; empty = the store's only site (transcoder: its ln2.hook_normalized site), or the middle layer when capturing."""
+    target_site: str = ""
+    """Transcoder target hook; empty = hook_mlp_out of the input site's layer."""
+    arch: str = "topk"
+    """One of standard, topk, batchtopk, jumprelu, mp, transcoder, top_afa."""
+    d_sae: int = 0
+    """Dictionary size; 0 = expansion × d_in."""
+    expansion: int = 8
+    """Dictionary size as a multiple of d_in when d_sae is 0."""
+    k: int = 32
+    """Active latents per token (topk), mean per token (batchtopk), greedy steps (mp)."""
+    l1_coefficient: float = 5.0
+    """L1 weight (standard, transcoder); inputs are scaled to E‖x‖ = √d_in when normalize is on."""
+    l0_coefficient: float = 1.0
+    """L0 weight (jumprelu, the paper's λ·L0 with a rectangle-kernel STE)."""
+    aux_coefficient: float = 1 / 32
+    """AuxK dead-latent loss weight (topk, batchtopk, top_afa)."""
+    afa_coefficient: float = 1 / 32
+    """Norm-matching loss weight (top_afa)."""
+    lr: float = 3e-4
+    """Adam learning rate."""
+    n_tokens: int = 0
+    """Training tokens; 0 = one pass over the store (BOS rows excluded)."""
+    steps: int = 0
+    """Training steps; overrides n_tokens when > 0."""
+    batch_size: int = 1024
+    """Tokens per step."""
+    seed: int = 0
+    """Seed of the initialisation and of the shuffle."""
+    skip_bos: bool = True
+    """Leave out position-0 (BOS) rows: attention-sink outliers."""
+    normalize: bool = True
+    """Scale inputs by √d_in / E‖x‖ during training (SAELens expected_average_only_in), folded in at the end."""
+    lr_warm_up_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    lr_decay_steps: int = 0
+    """Linear learning-rate decay steps at the end."""
+    sparsity_warm_up_steps: int = 0
+    """Linear warm-up of the L1/L0 coefficient."""
+    dead_window_tokens: int = 500_000
+    """A latent is dead (AuxK target) after this many tokens without firing."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (resume after a kill)."""
+    eval_tokens: int = 8192
+    """Stored rows used for the final L0/FVU of the saved dictionary."""
+    model: str = DEFAULT_MODEL
+    """Model to capture from when no store is given."""
+    data: str = field(default_factory=default_source)
+    """Text to capture from when no store is given."""
+    capture_tokens: int = 16384
+    """Tokens to capture when no store is given."""
+    ctx_len: int = 128
+    """Context length of the capture when no store is given."""
+
+
+@dataclass
+class TrainSAEResult(Result):
+    dictionary: str
+    """Folder of the saved dictionary (SAELens cfg.json + sae_weights.safetensors)."""
+    arch: str
+    site: str
+    target_site: str
+    store: str
+    d_in: int
+    d_sae: int
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    scaling: list
+    """Input (and target) scaling factors used in training, already folded into the weights."""
+    final: dict
+    """l0, fvu, explained_variance, mse, dead_frac (never fired on the eval rows), train_dead_frac."""
+    curves: dict[str, torch.Tensor]
+    """step, tokens, loss, mse, l0, fvu, dead_frac, lr, logged every 10 steps."""
+
+    def summary(self) -> list[dict]:
+        return [
+            {"arch": self.arch, "site": self.site, "d_sae": self.d_sae, "tokens": self.tokens, **self.final}
+        ]
+
+    def figures(self) -> dict:
+        import plotly.express as px
+
+        x = self.curves["tokens"].tolist()
+        figs = {}
+        for name, title, log in (
+            ("loss", "training loss", True),
+            ("l0", "L0 (active latents per token)", False),
+            ("fvu", "fraction of variance unexplained", True),
+            ("dead_frac", "dead-latent fraction", False),
+        ):
+            fig = px.line(x=x, y=self.curves[name].tolist(), log_y=log, title=f"{self.arch} {title}")
+            fig.update_layout(xaxis_title="training tokens", yaxis_title=name)
+            figs[title] = fig
+        return figs
+
+
+def resolve_sites(cfg: TrainSAEConfig, sites: list[str]) -> tuple[str, str]:
+    """(input site, target site or '') from the config and the store's sites."""
+    site = cfg.site
+    if not site:
+        pick = [s for s in sites if s.endswith("ln2.hook_normalized")] if cfg.arch == "transcoder" else sites
+        if len(pick) != 1:
+            raise ValueError(f"choose --site: the store holds {', '.join(sites)}")
+        site = pick[0]
+    target = cfg.target_site
+    if cfg.arch == "transcoder" and not target:
+        target = (
+            site.rsplit(".", 2)[0].removesuffix(".ln2") + ".hook_mlp_out"
+            if site.startswith("blocks.")
+            else ""
+        )
+    for s in (site, target):
+        if s and s not in sites:
+            raise ValueError(f"site '{s}' is not in the store; it holds: {', '.join(sites)}")
+    if target and cfg.arch != "transcoder":
+        raise ValueError(f"target_site is for transcoders; arch '{cfg.arch}' reconstructs its input")
+    return site, target
+
+
+def open_store(cfg: TrainSAEConfig, ctx: Context) -> ActivationStore:
+    if cfg.store:
+        return ctx.store(cfg.store)
+    site, target = cfg.site, cfg.target_site
+    if not site:
+        mid = ctx.model(cfg.model).cfg.n_layers // 2
+        site = (
+            f"blocks.{mid}.ln2.hook_normalized"
+            if cfg.arch == "transcoder"
+            else f"blocks.{mid}.hook_resid_post"
+        )
+    if cfg.arch == "transcoder" and not target:
+        target = f"blocks.{site.split('.')[1]}.hook_mlp_out"
+    sites = (site, target) if target else (site,)
+    return ctx.capture(
+        CaptureConfig(
+            model=cfg.model, sites=sites, data=cfg.data, n_tokens=cfg.capture_tokens, ctx_len=cfg.ctx_len
+        )
+    )
+
+
+def dictionary_metadata(
+    store: ActivationStore, cfg: TrainSAEConfig, site: str, target: str, scaling: list
+) -> dict:
+    sc = store.config
+    meta = {
+        "model_name": sc.get("model"),
+        "hook_name": site,
+        "context_size": sc.get("ctx_len"),
+        "prepend_bos": sc.get("bos") == "prepend",
+        "dataset_path": sc.get("data"),
+        "workbench": {
+            "processing": sc.get("processing", "raw"),
+            "bos": sc.get("bos"),
+            "skip_bos_in_training": cfg.skip_bos,
+            "store": str(store.root),
+            "store_fingerprint": store.fingerprint,
+            "activation_scaling": scaling,
+            "seed": cfg.seed,
+        },
+    }
+    if target:
+        meta["hook_name_out"] = target
+    return meta
+
+
+@torch.no_grad()
+def evaluate(folder: str, store: ActivationStore, sites: list[str], n_rows: int, skip_bos: bool) -> dict:
+    """L0 and FVU of the saved dictionary (reloaded from disk) on the first `n_rows` stored rows."""
+    sae = load_dictionary(folder)
+    rows = sample_rows(store, sites, n_rows, skip_bos)
+    x, y = rows[0], rows[-1]
+    f = sae.encode(x)
+    y_hat = sae.decode(f)
+    resid = (y - y_hat).pow(2).sum()
+    fvu = (resid / (y - y.mean(0)).pow(2).sum()).item()
+    return {
+        "l0": (f != 0).float().sum(-1).mean().item(),
+        "fvu": fvu,
+        "explained_variance": 1 - fvu,
+        "mse": (resid / len(y)).item(),
+        "dead_frac": ((f != 0).sum(0) == 0).float().mean().item(),
+    }
+
+
+@register("train-sae", version=1)
+def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
+    """Train a sparse dictionary (SAE / transcoder / MP-SAE / top-AFA) from an activation store."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown arch '{cfg.arch}'; choose one of {', '.join(ARCHS)}")
+    store = open_store(cfg, ctx)
+    site, target = resolve_sites(cfg, store.sites)
+    sites = [site, target] if target else [site]
+    d_in = math.prod(store.shape(site))
+    d_out = math.prod(store.shape(target)) if target else 0
+    scaling = [
+        math.sqrt(math.prod(store.shape(s))) / mean_norm(store, s, cfg.skip_bos) if cfg.normalize else 1.0
+        for s in sites
+    ]
+    spec = ArchSpec(
+        arch=cfg.arch,
+        d_in=d_in,
+        d_sae=cfg.d_sae or cfg.expansion * d_in,
+        d_out=d_out,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
+        l0_coefficient=cfg.l0_coefficient,
+        aux_coefficient=cfg.aux_coefficient,
+        afa_coefficient=cfg.afa_coefficient,
+        sparsity_warm_up_steps=cfg.sparsity_warm_up_steps,
+    )
+    sae = build(spec, dictionary_metadata(store, cfg, site, target, scaling), seed=cfg.seed)
+
+    def make_stream(start: int) -> StoreStream:
+        return StoreStream(
+            store, sites, cfg.batch_size, seed=cfg.seed, skip_bos=cfg.skip_bos, scales=scaling, start=start
+        )
+
+    steps = cfg.steps or (
+        math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens else make_stream(0).batches_per_epoch()
+    )
+    loop = LoopConfig(
+        steps=steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        dead_window_steps=max(1, cfg.dead_window_tokens // cfg.batch_size),
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    identity = {
+        "spec": vars(spec),
+        "store": store.fingerprint,
+        "sites": sites,
+        "scaling": scaling,
+        "seed": cfg.seed,
+    }
+    outcome = train(
+        sae, make_stream, loop, ctx.work_dir, identity, show_bar=ctx.show_bars, callback=ctx.on_progress
+    )
+    train_dead = outcome.curves["dead_frac"][-1].item() if len(outcome.curves["dead_frac"]) else 0.0
+    fold_scaling(sae, scaling)
+    folder = str(save_dictionary(sae, dictionaries_dir() / ctx.work_dir.name))
+    final = {**evaluate(folder, store, sites, cfg.eval_tokens, cfg.skip_bos), "train_dead_frac": train_dead}
+    shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
+    return TrainSAEResult(
+        dictionary=folder,
+        arch=cfg.arch,
+        site=site,
+        target_site=target,
+        store=str(store.root),
+        d_in=d_in,
+        d_sae=spec.d_sae,
+        steps=outcome.steps_done,
+        tokens=outcome.steps_done * cfg.batch_size,
+        seconds=outcome.seconds,
+        tokens_per_s=outcome.steps_done * cfg.batch_size / max(outcome.seconds, 1e-9),
+        scaling=scaling,
+        final=final,
+        curves=outcome.curves,
+    )
+
+
+def fold_scaling(sae, scaling: list[float]) -> None:
+    """Fold the training-time input scaling into the weights so the dictionary reads raw activations."""
+    if len(scaling) == 2:
+        sae.fold_scaling(*scaling)
+    elif scaling[0] != 1.0:
+        sae.fold_activation_norm_scaling_factor(scaling[0])

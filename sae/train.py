@@ -1,0 +1,194 @@
+"""Train a dictionary from the activation store with SAELens' `SAETrainer` (never re-running the model).
+
+We drive SAELens' public step seam (`SAETrainer.step`: Adam, lr schedule, coefficient warm-up,
+dead-latent counters, grad clipping at 1) from our own loop, which adds:
+  * batches from `StoreStream` (seeded shuffle, BOS rows dropped, resumable at any batch);
+  * SAELens-style input scaling (`expected_average_only_in`: x · √d_in / E‖x‖, measured on the
+    store, recorded, and folded into the weights at the end so the saved dictionary reads raw
+    activations);
+  * decoder constraints after each optimiser step (unit-norm atoms for MP-SAE and top-AFA);
+  * checkpoints in SAELens' layout (`cfg.json`, `sae_weights.safetensors`, `trainer_state.pt`)
+    plus our `state.json` (step, stream position, curves) — written atomically every
+    `checkpoint_every` steps and on Ctrl-C, so a killed run resumes with an identical next step;
+  * a tqdm bar with tokens/s and live L0/FVU, and training curves as tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from sae_lens import SAETrainer, TrainingSAE
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import TrainStepOutput
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sae.archs import post_step
+from sae.data import StoreStream
+
+CURVES = ("step", "tokens", "loss", "mse", "l0", "fvu", "dead_frac", "lr")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings of one training run."""
+
+    steps: int
+    batch_size: int
+    lr: float = 3e-4
+    lr_warm_up_steps: int = 0
+    lr_decay_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    dead_window_steps: int = 200
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+
+@dataclass
+class TrainOutcome:
+    sae: TrainingSAE
+    curves: dict[str, torch.Tensor]
+    steps_done: int
+    seconds: float
+    resumed_from: int
+
+
+def make_trainer(sae: TrainingSAE, loop: LoopConfig) -> SAETrainer:
+    cfg = SAETrainerConfig(
+        total_training_samples=loop.steps * loop.batch_size,
+        train_batch_size_samples=loop.batch_size,
+        lr=loop.lr,
+        lr_end=loop.lr / 10,
+        lr_warm_up_steps=loop.lr_warm_up_steps,
+        lr_decay_steps=loop.lr_decay_steps,
+        adam_beta1=loop.adam_beta1,
+        adam_beta2=loop.adam_beta2,
+        dead_feature_window=loop.dead_window_steps,
+        feature_sampling_window=max(loop.steps, 1),
+    )
+    return SAETrainer(cfg, sae, data_provider=iter(()))
+
+
+@torch.no_grad()
+def step_metrics(out: TrainStepOutput) -> dict[str, float]:
+    """L0 and FVU = ‖x − x̂‖² / ‖x − mean(x)‖² of one batch (in the training scale; FVU is scale-free)."""
+    x, x_hat = out.sae_in.float(), out.sae_out.float()
+    fvu = (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp(min=1e-12)
+    return {
+        "loss": out.loss.item(),
+        "mse": out.losses["mse_loss"].item(),
+        "l0": (out.feature_acts != 0).float().sum(-1).mean().item(),
+        "fvu": fvu.item(),
+    }
+
+
+class Checkpointer:
+    """SAELens checkpoint files + our state.json in `root/checkpoint`, replaced atomically."""
+
+    def __init__(self, root: Path):
+        self.dir = root / "checkpoint"
+
+    def exists(self) -> bool:
+        return (self.dir / "state.json").exists()
+
+    def save(self, trainer: SAETrainer, state: dict, curves: dict[str, list[float]]) -> None:
+        tmp = self.dir.with_name("checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.sae.save_model(tmp)  # training form: cfg.json + sae_weights.safetensors (+ buffers)
+        trainer.save_trainer_state(tmp)  # optimizer, scheduler, dead-latent counters
+        save_file(
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in curves.items()}, tmp / "curves.safetensors"
+        )
+        (tmp / "state.json").write_text(json.dumps(state))
+        old = self.dir.with_name("checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            self.dir.rename(old)
+        tmp.rename(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, trainer: SAETrainer) -> tuple[dict, dict[str, list[float]]]:
+        trainer.sae.load_weights_from_checkpoint(self.dir)
+        trainer.load_trainer_state(self.dir)
+        curves = {k: v.tolist() for k, v in load_file(self.dir / "curves.safetensors").items()}
+        return json.loads((self.dir / "state.json").read_text()), curves
+
+
+def train(
+    sae: TrainingSAE,
+    make_stream: Callable[[int], StoreStream],
+    loop: LoopConfig,
+    work_dir: Path,
+    identity: dict,
+    show_bar: bool = True,
+    callback: Callable[[int, int], None] | None = None,
+    stop_after: int | None = None,
+) -> TrainOutcome | None:
+    """Run (or resume) `loop.steps` steps; returns None when stopped early by `stop_after` (tests).
+
+    `make_stream(start)` gives the batch stream positioned at batch `start`; `identity` (the run's
+    config) must match a checkpoint's for it to be resumed.
+    """
+    trainer = make_trainer(sae, loop)
+    ckpt = Checkpointer(Path(work_dir))
+    start, elapsed, curves = 0, 0.0, {k: [] for k in CURVES}
+    if ckpt.exists():
+        state, saved = ckpt.load(trainer)
+        if state.get("identity") != identity:
+            raise RuntimeError(f"{ckpt.dir} belongs to a different training run; delete it to start over")
+        start, elapsed, curves = state["step"], state["seconds"], saved
+    stream = make_stream(start)
+    bar = tqdm(
+        total=loop.steps,
+        initial=start,
+        unit="step",
+        desc=f"train {sae.cfg.architecture()}",
+        disable=not show_bar,
+    )
+    t0 = time.perf_counter() - elapsed
+    tick, step = time.perf_counter(), start
+
+    def state() -> dict:
+        return {"step": step, "seconds": time.perf_counter() - t0, "identity": identity, "loop": asdict(loop)}
+
+    try:
+        while step < loop.steps:
+            out = trainer.step(next(stream))
+            trainer.n_training_steps += 1
+            post_step(sae)
+            step += 1
+            if step % loop.log_every == 0 or step == loop.steps:
+                m = step_metrics(out)
+                m.update(step=step, tokens=step * loop.batch_size, lr=trainer.optimizer.param_groups[0]["lr"])
+                m["dead_frac"] = trainer.dead_neurons.float().mean().item()
+                for k in CURVES:
+                    curves[k].append(m[k])
+                now = time.perf_counter()
+                bar.set_postfix(
+                    tok_s=f"{loop.log_every * loop.batch_size / (now - tick):.0f}",
+                    l0=f"{m['l0']:.1f}",
+                    fvu=f"{m['fvu']:.3f}",
+                )
+                tick = now
+            bar.update(1)
+            if callback:
+                callback(step, loop.steps)
+            if step % loop.checkpoint_every == 0 and step < loop.steps:
+                ckpt.save(trainer, state(), curves)
+            if stop_after is not None and step - start >= stop_after:
+                ckpt.save(trainer, state(), curves)
+                return None
+    except KeyboardInterrupt:
+        ckpt.save(trainer, state(), curves)
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return TrainOutcome(sae, {k: torch.tensor(v) for k, v in curves.items()}, step, seconds, start)
