@@ -206,3 +206,21 @@ def stores_with(site_filter: str = "") -> list[dict]:
         if any(site_filter in s for s in sites):
             rows.append(row | {"sites": sites})
     return rows
+
+
+def dictionaries() -> list[str]:
+    """Dictionary folders: saved under $WORKBENCH_HOME/dictionaries, or named by train-sae results."""
+    found = [d["path"] for d in api.list_dictionaries()]
+    for row in api.cached("train-sae"):
+        try:
+            fields = vars(result(row["key"]))
+        except Exception:  # noqa: BLE001 - a broken entry is just not offered
+            continue
+        for value in fields.values():
+            if isinstance(value, str) and value not in found:
+                try:
+                    api.dictionary_info(value)
+                    found.append(value)
+                except Exception:  # noqa: BLE001 - not a dictionary folder
+                    pass
+    return found

@@ -36,7 +36,9 @@ with right:
             st.info("No activation stores yet: `workbench capture --help`.")
 
 st.subheader("Cached results")
-search = st.text_input("Search cached results", placeholder="analysis, model or any config value")
+search = st.text_input(
+    "Search cached results", placeholder="analysis, model or any config value", key="search"
+)
 with guard("cannot list cached results"):
     rows = api.cached(text=search or None)
     if not rows:

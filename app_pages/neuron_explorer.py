@@ -27,7 +27,9 @@ with st.sidebar:
             + next(f"{s['model']} · {s['rows']} rows" for s in stores if s["path"] == p)
         ),
     )
-    typed = st.text_input("…or a store path", value="" if ui.param("store") in options else ui.param("store"))
+    typed = st.text_input(
+        "…or a store path", value="" if ui.param("store") in options else ui.param("store"), key="store_path"
+    )
 store_path = typed.strip() or picked
 if not store_path:
     st.info(

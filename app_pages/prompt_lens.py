@@ -16,38 +16,24 @@ def lens(model_key: str, text: str, layer: int, dictionary: str) -> dict:
     return api.prompt_lens(ui.model(model_key), text, layer, dictionary=dictionary)
 
 
-def _dictionaries() -> list[str]:
-    """Dictionary folders found in cached train-sae results (any result field naming a folder)."""
-    found = []
-    for row in api.cached("train-sae"):
-        try:
-            res = ui.result(row["key"])
-        except Exception:  # noqa: BLE001 - a broken entry just isn't offered
-            continue
-        for value in vars(res).values():
-            if isinstance(value, str) and value not in found:
-                try:
-                    api.dictionary_info(value)
-                    found.append(value)
-                except Exception:  # noqa: BLE001 - not a dictionary folder
-                    pass
-    return found
-
-
 st.title("Prompt lens")
 with st.sidebar:
     model_key = st.text_input(
-        "Model", value=ui.param("model", ui.DEFAULT_MODEL), help="A model key, local HF folder or Hub id"
+        "Model",
+        value=ui.param("model", ui.DEFAULT_MODEL),
+        help="A model key, local HF folder or Hub id",
+        key="model",
     )
     layer = int(st.number_input("Layer", min_value=0, value=int(ui.param("layer", 0)), step=1))
     mode = st.radio("Colour tokens by", ["MLP neuron", "SAE latent", "residual norm"], key="mode")
-    known = _dictionaries()
+    known = ui.dictionaries()
     dictionary = st.text_input(
         "Dictionary folder (SAE / transcoder)",
         value=ui.param("dictionary", known[0] if known else ""),
         help="SAELens-format folder (cfg.json + safetensors); trained ones: " + (", ".join(known) or "none"),
+        key="dictionary",
     )
-text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90)
+text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90, key="text")
 
 view = None
 with ui.guard("cannot run the prompt lens"):

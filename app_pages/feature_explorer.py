@@ -1,0 +1,84 @@
+"""Feature explorer: pick a trained or pretrained dictionary -> searchable latent list (by density,
+by top tokens) -> latent page with the dashboard data (the `dashboards` analysis, cached)."""
+
+import streamlit as st
+
+from app_pages import _common as ui
+from app_pages import _latent
+from workbench import api
+
+st.title("Feature explorer")
+
+
+def _goto(j: int) -> None:
+    st.session_state["latent"] = j
+
+
+with st.sidebar:
+    known = ui.dictionaries()
+    picked = st.selectbox("Dictionary", known, format_func=lambda p: p.rstrip("/").rsplit("/", 1)[-1])
+    typed = st.text_input("…or a dictionary folder", value=ui.param("dictionary", ""), key="dictionary_path")
+path = typed.strip() or picked
+if not path:
+    st.info(
+        "No trained dictionaries yet: `workbench train-sae --help`, or give a SAELens folder in the sidebar."
+    )
+    st.stop()
+
+info = None
+with ui.guard("cannot read the dictionary"):
+    info = api.dictionary_info(path)
+if info is None:
+    st.stop()
+st.caption(f"{info['architecture']} · d_sae {info['d_sae']} · reads {info['site']} · {info['path']}")
+
+stores = ui.stores_with(info["site"] or "")
+stores = [s for s in stores if info["site"] in s["sites"]]
+with st.sidebar:
+    options = [s["path"] for s in stores]
+    store_path = st.selectbox(
+        "Activation store",
+        options,
+        index=options.index(ui.param("store")) if ui.param("store") in options else 0,
+        format_func=lambda p: (
+            f"{p.rsplit('/', 1)[-1][:12]} · "
+            + next(f"{s['model']} · {s['rows']} rows" for s in stores if s["path"] == p)
+        ),
+    )
+if not store_path:
+    st.error(
+        f"No activation store holds {info['site']}: capture one with `workbench capture --sites {info['site']}`."
+    )
+    st.stop()
+
+key = ui.cached_or_run(
+    "dashboards", {"store": store_path, "site": info["site"], "dictionary": info["path"]}, "this dictionary"
+)
+if not key:
+    st.stop()
+res = None
+with ui.guard("cannot load the dashboards"):
+    res = ui.result(key)
+if res is None:
+    st.stop()
+
+st.subheader("Latents")
+cols = st.columns([3, 1, 1])
+search = cols[0].text_input("Search top tokens / logits", placeholder="e.g. Paris", key="search")
+order = cols[1].selectbox("Sort by", ["density", "max_act", "latent"])
+hide_dead = cols[2].checkbox("hide dead", value=True)
+rows = [
+    r
+    for r in res.table()
+    if (not hide_dead or r["density"] > 0)
+    and (not search or search.lower() in (r["top_tokens"] + " " + r["top_logits"]).lower())
+]
+rows.sort(key=lambda r: r[order], reverse=order != "latent")
+st.dataframe(rows[:500], hide_index=True, width="stretch", height=260)
+st.caption(f"{len(rows)} of {res.n_latents} latents shown")
+
+if "latent" not in st.session_state:
+    st.session_state["latent"] = int(ui.param("latent", rows[0]["latent"] if rows else 0))
+latent = int(st.number_input(f"Latent (0..{res.n_latents - 1})", min_value=0, step=1, key="latent"))
+with ui.guard("cannot show this latent"):
+    _latent.show(res, latent, "latent", _goto)
