@@ -93,6 +93,8 @@ class SaeEvalResult(Result):
     """dictionary index -> [d_sae] max |cos| of each decoder row to another latent's."""
     afa_ratio: dict[str, torch.Tensor]
     """dictionary index -> [tokens] ‖f̃‖/‖x‖ (f̃ scaled by decoder norms, ‖b_dec‖ appended)."""
+    afa_ratio_centered: dict[str, torch.Tensor]
+    """dictionary index -> [tokens] ‖f̃‖/‖x − b_dec‖ (what top-AFA's k* selection matches)."""
     l0_per_token: dict[str, torch.Tensor]
 
     def summary(self) -> list[dict]:
@@ -221,6 +223,7 @@ def _afa_row(afa: dict[str, torch.Tensor], eps: float) -> dict[str, float]:
     return {
         "afa_ratio_mean": float(ratio.mean()),
         "afa_ratio_median": float(ratio.median()),
+        "afa_ratio_centered_median": float(afa["ratio_centered"].median()),
         "afa_eps_lbo_median": float(afa["eps_lbo"].median()),
         "afa_frac_within_bound": float(M.afa_within_bound(afa, eps).float().mean()),
     }
@@ -274,7 +277,8 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
             row["replacement_loss"] = row["ce_loss_with_sae"]
     if transcoder:
         row["mlp_out_fvu"] = row["fvu"]
-    tensors = {"frequency": freq, "max_cos": max_cos, "afa_ratio": out["afa"]["ratio"], "l0": out["l0"]}
+    tensors = {"frequency": freq, "max_cos": max_cos, "l0": out["l0"]}
+    tensors |= {"afa_ratio": out["afa"]["ratio"], "afa_ratio_centered": out["afa"]["ratio_centered"]}
     return row, tensors
 
 
@@ -284,6 +288,7 @@ FORMULAS = {
     "kl_div_score": "(KL_zero_ablate - KL_spliced) / KL_zero_ablate, KL = KL(clean || new) per next-token prediction",
     "l0": "mean over tokens of #{latents != 0}",
     "afa_ratio": "||f~||_2 / ||x||_2 per token, f~_i = f_i ||W_dec,i|| with ||b_dec|| appended; expectation 1 (AFA)",
+    "afa_ratio_centered": "||f~||_2 / ||x - b_dec||_2 per token (no b_dec atom): the norm top-AFA's k* matches",
     "afa_frac_within_bound": "fraction of tokens with | ||x||^2 - ||f~||^2 | <= eps (||f~||_1^2 - ||f~||_2^2), "
     "eps = max off-diagonal |cos| of the decoder",
     "frac_dead": "fraction of latents that fire on none of the evaluated tokens",
@@ -301,7 +306,7 @@ def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
     store = ctx.store(cfg.store)
     model_key = cfg.model or store.config["model"]
     model = ctx.model(model_key, store.config.get("processing", "raw")) if cfg.n_seqs > 0 else None
-    table, tensors = [], {"frequency": {}, "max_cos": {}, "afa_ratio": {}, "l0": {}}
+    table, tensors = [], {k: {} for k in ("frequency", "max_cos", "afa_ratio", "afa_ratio_centered", "l0")}
     for i, path in enumerate(paths):
         row, arrays = evaluate(load_dictionary(path), path, store, model, cfg, ctx)
         table.append(row)
@@ -315,5 +320,6 @@ def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
         frequency=tensors["frequency"],
         max_cos=tensors["max_cos"],
         afa_ratio=tensors["afa_ratio"],
+        afa_ratio_centered=tensors["afa_ratio_centered"],
         l0_per_token=tensors["l0"],
     )

@@ -180,18 +180,23 @@ def afa_norms(
     """Per-token AFA quantities (Lee et al. 2025): ‖f̃‖₂, ‖f̃‖₁, ‖z‖₂, ratio ‖f̃‖/‖z‖ and εLBO.
 
     f̃_i = f_i‖W_dec,i‖; when b_dec is given, ‖b_dec‖ is appended as an extra coefficient
-    (b_dec/‖b_dec‖ is treated as one more atom), as in the paper's ZF plot.
+    (b_dec/‖b_dec‖ is treated as one more atom), as in the paper's ZF plot, and
+    `ratio_centered` = ‖f̃ without b_dec‖ / ‖z − b_dec‖ is the quantity top-AFA's k* selection
+    matches (its expectation is also 1).
     """
     f_tilde = f.double() * W_dec.double().norm(dim=-1)  # [batch, d_sae]
     sq = f_tilde.pow(2).sum(-1)
     l1 = f_tilde.abs().sum(-1)
     h = f.shape[-1]
+    out = {}
     if b_dec is not None:
+        centered = (z.double() - b_dec.double()).norm(dim=-1)
+        out["ratio_centered"] = (sq.sqrt() / centered.clamp(min=1e-12)).float()
         b = float(b_dec.double().norm())
         sq, l1, h = sq + b * b, l1 + b, h + 1
     z_sq = z.double().pow(2).sum(-1)
     f_norm = sq.sqrt()
-    return {
+    return out | {
         "f_norm": f_norm.float(),
         "f_l1": l1.float(),
         "z_norm": z_sq.sqrt().float(),

@@ -15,6 +15,9 @@ CTX, BEFORE, AFTER, N_TOP = 32, 6, 2, 5
 @pytest.fixture(scope="module")
 def store(tiny_model, wikitext, tmp_path_factory):
     from workbench.capture import CaptureConfig, capture
+    from workbench.context import POOL
+
+    POOL.put(tiny_model)  # the analyses' ctx.model() finds it instead of booting it again
 
     cfg = CaptureConfig(
         model=tiny_model.workbench.key,

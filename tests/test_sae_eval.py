@@ -78,16 +78,22 @@ def test_afa_ratio_is_one_for_orthonormal_atoms():
     assert M.afa_within_bound(norms, 0.0)[ok].all()
     half = M.afa_norms(f * 0.5, z, W_dec)  # under-activated by 2 → ratio 0.5
     assert torch.allclose(half["ratio"][ok], torch.full((int(ok.sum()),), 0.5), atol=1e-5)
-    b = torch.zeros(32)
-    b[0] = 4.0  # ‖b_dec‖ appended as one more coefficient
-    with_b = M.afa_norms(f, z, W_dec, b)
-    assert torch.allclose(with_b["f_norm"] ** 2, norms["f_norm"] ** 2 + 16.0, rtol=1e-4)
+    Q = torch.linalg.qr(torch.randn(32, 32))[0]
+    W_dec, b = Q[:8] * 3.0, Q[8] * 4.0  # b_dec orthogonal to every atom, ‖b_dec‖ = 4
+    z = f @ W_dec + b
+    with_b = M.afa_norms(f, z, W_dec, b)  # ‖b_dec‖ appended as one more coefficient
+    assert torch.allclose(with_b["f_norm"] ** 2, (3 * f).pow(2).sum(-1) + 16.0, rtol=1e-4)
+    assert torch.allclose(with_b["ratio"], torch.ones(50), atol=1e-5)
+    assert torch.allclose(with_b["ratio_centered"][ok], torch.ones(int(ok.sum())), atol=1e-5)
 
 
 # --- analysis on a tiny model -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tiny_model, wikitext, tmp_path_factory):
     from workbench.capture import CaptureConfig, capture
+    from workbench.context import POOL
+
+    POOL.put(tiny_model)  # the analyses' ctx.model() finds it instead of booting it again
 
     cfg = CaptureConfig(
         model=tiny_model.workbench.key,
