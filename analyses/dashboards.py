@@ -86,6 +86,7 @@ class DashboardResult(Result):
     ctx_acts: torch.Tensor  # [n_latents, n_top, window]
     quantile_acts: torch.Tensor  # [n_latents, n_quantiles * samples], interval-major
     quantile_rows: torch.Tensor
+    quantile_counts: torch.Tensor  # [n_latents, n_quantiles] firing tokens per interval
     quantile_ctx_tokens: torch.Tensor
     quantile_ctx_acts: torch.Tensor
     top_logit_ids: torch.Tensor  # [n_latents, 10], -1 when the site has no output direction
@@ -133,9 +134,9 @@ class DashboardResult(Result):
             ctxs = self._contexts(
                 self.quantile_ctx_tokens[i, sl], self.quantile_ctx_acts[i, sl], self.quantile_acts[i, sl]
             )
-            quantiles.append(
-                {"bin_min": q * max_act / n_q, "bin_max": (q + 1) * max_act / n_q, "contexts": ctxs}
-            )
+            frac = float(self.quantile_counts[i, q] / self.quantile_counts[i].sum().clamp(min=1))
+            lo, hi = q * max_act / n_q, (q + 1) * max_act / n_q
+            quantiles.append({"bin_min": lo, "bin_max": hi, "bin_contains": frac, "contexts": ctxs})
         return {
             "latent": i,
             "density": float(self.density[i]),
@@ -210,7 +211,7 @@ class DashboardResult(Result):
         d = self.latent(i)
         acts = []
         groups = [(-1.0, float(self.max_act[i]), -1.0, d["top"])]
-        groups += [(q["bin_min"], q["bin_max"], 0.0, q["contexts"]) for q in d["quantiles"]]
+        groups += [(q["bin_min"], q["bin_max"], q["bin_contains"], q["contexts"]) for q in d["quantiles"]]
         for bin_min, bin_max, contains, ctxs in groups:
             for c in ctxs:
                 acts.append(
@@ -330,6 +331,7 @@ def _pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: i
     n = len(max_act)
     gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(n * N_BINS, dtype=torch.long)
+    q_counts = torch.zeros(n * n_q, dtype=torch.long)
     keys, rows, vals = (
         torch.full((n, n_q, s), -torch.inf),
         torch.full((n, n_q, s), -1),
@@ -344,6 +346,7 @@ def _pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: i
             (latent + (a / scale * N_BINS).long().clamp(0, N_BINS - 1))[on], minlength=n * N_BINS
         )
         interval = ((a / scale * n_q).ceil().long() - 1).clamp(0, n_q - 1)
+        q_counts += torch.bincount((torch.arange(n) * n_q + interval)[on], minlength=n * n_q)
         key = torch.rand(a.shape, generator=gen)
         for q in range(n_q):
             cand = torch.where(on & (interval == q), key, -torch.inf).T
@@ -352,7 +355,7 @@ def _pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: i
             )
     rows[keys == -torch.inf] = -1
     vals[keys == -torch.inf] = 0
-    return counts.reshape(n, N_BINS), vals.reshape(n, -1), rows.reshape(n, -1)
+    return counts.reshape(n, N_BINS), vals.reshape(n, -1), rows.reshape(n, -1), q_counts.reshape(n, n_q)
 
 
 @torch.no_grad()
@@ -464,7 +467,7 @@ def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
 
     top = _pass_top(batches("dashboards: top-k"), acts_of, n, cfg.n_top)
     max_act = top["top_acts"][:, 0].clone()
-    counts, q_acts, q_rows = _pass_hist_quantiles(
+    counts, q_acts, q_rows, q_counts = _pass_hist_quantiles(
         batches("dashboards: quantiles"), acts_of, max_act, cfg.n_quantiles, cfg.quantile_samples, cfg.seed
     )
     centers = torch.cat([top["top_rows"], q_rows], 1)
@@ -496,6 +499,7 @@ def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
         ctx_acts=acts[:, :k],
         quantile_acts=q_acts,
         quantile_rows=q_rows,
+        quantile_counts=q_counts,
         quantile_ctx_tokens=tokens[:, k:],
         quantile_ctx_acts=acts[:, k:],
         hist_counts=counts,

@@ -106,7 +106,10 @@ def test_quantiles_and_histogram(store, neurons):
                 )
                 assert float(neurons.quantile_ctx_acts[j, q * s + t, BEFORE]) == pytest.approx(act)
         on = X[:, j][X[:, j] > -torch.inf]
-        assert int(neurons.hist_counts[j].sum()) == len(on)
+        assert int(neurons.hist_counts[j].sum()) == len(on) == int(neurons.quantile_counts[j].sum())
+        edges = torch.linspace(0, m, n_q + 1)
+        ref_q = [int(((on > lo) & (on <= hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
+        assert (neurons.quantile_counts[j] - torch.tensor(ref_q)).abs().sum() <= 2
         ref = torch.histc(on, bins=32, min=0, max=m)
         assert (neurons.hist_counts[j].float() - ref).abs().sum() <= 2  # edge ties may fall either side
         assert neurons.hist_edges[j, -1] == pytest.approx(m)
