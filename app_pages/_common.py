@@ -61,6 +61,8 @@ def figures(key: str) -> dict:
 
 def cached_key(name: str, **overrides: Any) -> str | None:
     """The cache key of `name` with these options if that result is already computed, else None."""
+    if name not in analysis_names():
+        return None
     key = api.key_for(name, api.make_config(name, **overrides))
     return key if any(r["key"] == key for r in api.cached(name)) else None
 

@@ -21,7 +21,7 @@ if open_key:
         ui.result(open_key)
         row = next(r for r in api.cached() if r["key"] == open_key)
         st.session_state["analysis"] = row["analysis"]
-        st.session_state[f"show:{row['analysis']}"] = open_key
+        st.session_state["result"] = open_key
 
 if st.session_state.get("analysis") not in names:
     st.session_state["analysis"] = (
@@ -32,14 +32,14 @@ st.caption(next(a["doc"] for a in api.list_analyses() if a["name"] == name))
 
 
 def _widget(f: dict, value):
-    label, help_ = f["name"], f["doc"] or None
+    label, help_, key = f["name"], f["doc"] or None, f"field:{name}:{f['name']}"
     if f["kind"] == "bool":
-        return st.checkbox(label, value=bool(value), help=help_)
+        return st.checkbox(label, value=str(value).lower() in ("1", "true", "yes"), help=help_, key=key)
     if f["kind"] == "int":
-        return int(st.number_input(label, value=int(value), step=1, help=help_))
+        return int(st.number_input(label, value=int(value), step=1, help=help_, key=key))
     if f["kind"] == "float":
-        return float(st.number_input(label, value=float(value), format="%g", help=help_))
-    return st.text_input(label, value=str(value), help=help_)
+        return float(st.number_input(label, value=float(value), format="%g", help=help_, key=key))
+    return st.text_input(label, value=str(value), help=help_, key=key)
 
 
 fields = api.config_fields(name)
@@ -68,7 +68,7 @@ if job is not None and job.status == "running":
 elif job is not None and job.status == "failed":
     st.error(f"{name} failed: {job.error}")
 elif job is not None and job.status == "done":
-    st.session_state[f"show:{name}"] = job.key
+    st.session_state["result"] = job.key
     st.session_state.pop(f"job:{name}")
 
 st.divider()
@@ -81,11 +81,9 @@ labels = {
     f"{r['config'].get('store') or r['model'] or ''} · {r['key'][:10]}"
     for r in cached
 }
-keys = list(labels)
-shown = st.session_state.get(f"show:{name}")
-key = st.selectbox(
-    "Cached result", keys, index=keys.index(shown) if shown in keys else 0, format_func=labels.get
-)
+if st.session_state.get("result") not in labels:
+    st.session_state.pop("result", None)
+key = st.selectbox("Cached result", list(labels), format_func=labels.get, key="result")
 st.subheader(f"{name} · {key[:12]}")
 with ui.guard("cannot show this result"):
     ui.show_result(key)

@@ -51,7 +51,8 @@ if not store_path:
     )
     st.stop()
 
-key = ui.cached_or_run(
+# A run with the site left empty (the CLI default: the dictionary's own site) is the same data.
+key = ui.cached_key("dashboards", store=store_path, site="", dictionary=info["path"]) or ui.cached_or_run(
     "dashboards", {"store": store_path, "site": info["site"], "dictionary": info["path"]}, "this dictionary"
 )
 if not key:

@@ -1,0 +1,290 @@
+"""Headless tests of every app page (Streamlit AppTest) against a prefilled workbench home: a tiny
+model's activation store, cached activation-stats and neuron/latent dashboards, and a small SAE.
+Values shown on the pages are checked against direct computations, and bad input must show an
+error element, never an exception."""
+
+from __future__ import annotations
+
+import html
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+TEXT = "The cat sat on the mat. The dog"
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory, tiny_model_dir):
+    """One prefilled WORKBENCH_HOME shared by this module's tests (built once: ~20 s on 2 cores)."""
+    import os
+
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    root = tmp_path_factory.mktemp("apphome")
+    old = os.environ.get("WORKBENCH_HOME")
+    os.environ["WORKBENCH_HOME"] = str(root)
+    try:
+        from app_pages._demo import prefill
+        from workbench import api
+
+        filled = prefill(str(tiny_model_dir), n_tokens=384, ctx_len=32)
+        torch.manual_seed(0)
+        sae = StandardSAE(
+            StandardSAEConfig(d_in=64, d_sae=96, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))
+        )
+        with torch.no_grad():
+            sae.W_enc.normal_()
+        sae.save_model(str(root / "dictionaries" / "tiny-sae"))
+        filled["dictionary"] = str(root / "dictionaries" / "tiny-sae")
+        filled["latent_key"] = api.run(
+            "dashboards", store=filled["store"], site="", dictionary=filled["dictionary"]
+        ).cache_key
+        filled |= {"root": root, "sae": sae, "model_dir": str(tiny_model_dir)}
+    finally:
+        if old is None:
+            os.environ.pop("WORKBENCH_HOME", None)
+        else:
+            os.environ["WORKBENCH_HOME"] = old
+    return filled
+
+
+@pytest.fixture(autouse=True)
+def _use_home(request, workbench_home, monkeypatch):
+    if "home" in request.fixturenames:
+        monkeypatch.setenv("WORKBENCH_HOME", str(request.getfixturevalue("home")["root"]))
+
+
+def app(page: str | None = None, **query):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    for k, v in query.items():
+        at.query_params[k] = v
+    if page:
+        at.switch_page(f"app_pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def until(at, done, seconds: float = 120):
+    """Rerun the app until `done(at)` (a background job finished) or fail."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if done(at):
+            return at
+    raise AssertionError("the background run did not finish")
+
+
+def click(at, label: str):
+    next(b for b in at.button if b.label == label).click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def charts(at) -> list:
+    return at.get("plotly_chart")
+
+
+def spans(block: str) -> list[str]:
+    """The visible token strings of a token-highlight block."""
+    return [html.unescape(t) for t in re.findall(r"<span[^>]*>([^<]*)</span>", block)]
+
+
+def titles(html: str) -> list[tuple[int, float]]:
+    """(position, value) from the hover titles of a token-highlight block."""
+    return [(int(p), float(v)) for p, v in re.findall(r'title="(\d+): .*? = ([-+\d.e]+)"', html)]
+
+
+# --- home ------------------------------------------------------------------------------
+def test_home_lists_models_stores_and_results(home):
+    at = app()
+    assert [s.value for s in at.subheader] == ["Models", "Activation stores", "Cached results"]
+    models, stores = at.dataframe[0].value, at.dataframe[1].value
+    assert "smollm2-135m" in set(models["key"])
+    assert list(stores["path"]) == [home["store"]]
+    assert stores["rows"][0] == 384
+    shown = {b.key.removeprefix("open-") for b in at.button}
+    assert set(home["keys"].values()) | {home["latent_key"]} <= shown
+    at.text_input(key="search").set_value("activation-stats").run()
+    assert {b.key.removeprefix("open-") for b in at.button} == {home["keys"]["activation-stats"]}
+    at.text_input(key="search").set_value("no-such-thing").run()
+    assert not at.button and "No cached results matching" in at.info[0].value
+
+
+def test_home_reopens_a_result_on_the_analyses_page(home):
+    from workbench import api
+
+    at = app()
+    key = home["keys"]["activation-stats"]
+    at.button(key=f"open-{key}").click().run()
+    at.run()  # the switch_page issued by the click lands on the next run
+    assert at.title[0].value == "Analyses"
+    assert at.selectbox(key="analysis").value == "activation-stats"
+    table = at.dataframe[0].value
+    expected = api.load(key).summary()
+    assert list(table["site"]) == [r["site"] for r in expected]
+    assert table["kurtosis"].tolist() == pytest.approx([r["kurtosis"] for r in expected])
+    assert len(charts(at)) == len(api.load(key).figures())
+
+
+# --- analyses --------------------------------------------------------------------------
+def test_analysis_form_runs_in_background_and_shows_figures(home):
+    from workbench import api
+
+    at = app("analyses", analysis="activation-stats")
+    assert at.selectbox(key="analysis").value == "activation-stats"
+    at.text_input(key="field:activation-stats:store").set_value(home["store"])
+    at.number_input(key="field:activation-stats:fire_threshold").set_value(0.05)
+    click(at, "Run")
+    until(at, lambda a: not a.get("progress") and len(api.cached("activation-stats")) == 2)
+    new = api.run("activation-stats", store=home["store"], fire_threshold=0.05)
+    assert at.selectbox(key="result").value == new.cache_key
+    assert at.dataframe[0].value["dead_frac"].tolist() == pytest.approx(
+        [r["dead_frac"] for r in new.summary()]
+    )
+    assert len(charts(at)) == len(new.figures()) > 0
+
+
+def test_analysis_failed_run_shows_error(home):
+    at = app("analyses", analysis="activation-stats")
+    at.text_input(key="field:activation-stats:store").set_value(str(home["root"] / "no-such-store"))
+    click(at, "Run")
+    until(at, lambda a: bool(a.error))
+    assert "no activation store" in at.error[0].value
+    assert not at.exception
+
+
+def test_every_registered_analysis_has_a_form(home):
+    from workbench import api
+
+    at = app("analyses")
+    for name in [a["name"] for a in api.list_analyses()]:
+        at.selectbox(key="analysis").set_value(name).run()
+        assert not at.exception, name
+        fields = api.config_fields(name)
+        keys = {w.key for w in [*at.text_input, *at.number_input, *at.checkbox]}
+        assert {f"field:{name}:{f['name']}" for f in fields} <= keys, name
+
+
+# --- prompt lens -----------------------------------------------------------------------
+def test_prompt_lens_values_match_the_model(home, tiny_model):
+    at = app("prompt_lens", model=home["model_dir"], layer="1", text=TEXT)
+    assert not at.error, [e.value for e in at.error]
+    at.number_input(key="neuron").set_value(5).run()
+    _, cache = tiny_model.run_with_cache(tiny_model.to_tokens(TEXT))
+    expected = cache["blocks.1.mlp.hook_post"][0, :, 5]
+    shown = titles(at.html[0].value)
+    assert [p for p, _ in shown] == list(range(len(expected)))
+    assert [v for _, v in shown] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-6)
+    # next-token table at the last token: probabilities of the model's own softmax
+    probs = tiny_model(tiny_model.to_tokens(TEXT))[0, -1].softmax(-1)
+    table = at.dataframe[-1].value
+    assert table["prob"].tolist() == pytest.approx(probs.topk(10).values.tolist(), abs=1e-5)
+    top = at.dataframe[0].value  # top neurons at the chosen token
+    assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, -1].topk(10).indices.tolist()
+
+
+def test_prompt_lens_colours_by_sae_latent_and_residual_norm(home, tiny_model):
+    at = app("prompt_lens", model=home["model_dir"], layer="1", text=TEXT, dictionary=home["dictionary"])
+    at.radio(key="mode").set_value("SAE latent").run()
+    at.number_input(key="latent").set_value(7).run()
+    _, cache = tiny_model.run_with_cache(tiny_model.to_tokens(TEXT))
+    resid = cache["blocks.1.hook_resid_post"][0]
+    with torch.no_grad():
+        latents = home["sae"].encode(resid)
+    assert [v for _, v in titles(at.html[0].value)] == pytest.approx(
+        latents[:, 7].tolist(), rel=1e-3, abs=1e-5
+    )
+    assert at.dataframe[1].value["latent"].tolist()[0] == int(latents[-1].argmax())
+    at.radio(key="mode").set_value("residual norm").run()
+    norms = [v for _, v in titles(at.html[0].value)]
+    assert norms == pytest.approx(resid.norm(dim=-1).tolist(), rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ({"layer": "9"}, "layer 9 is out of range"),
+        ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+        ({"dictionary": "/no/such/dictionary"}, "no dictionary folder"),
+    ],
+)
+def test_prompt_lens_bad_input_shows_error(home, query, message):
+    at = app("prompt_lens", **({"model": home["model_dir"], "text": TEXT} | query))
+    assert at.error and message in at.error[0].value
+    assert not at.exception
+
+
+# --- neuron and feature explorers ------------------------------------------------------
+def test_neuron_explorer_shows_dashboard_and_jumps_to_neighbours(home):
+    from workbench import api
+
+    res = api.load(home["keys"]["dashboards"])
+    at = app("neuron_explorer")
+    at.number_input(key="neuron").set_value(3).run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["density"] == f"{float(res.density[3]):.3%}"
+    assert metrics["max activation"] == f"{float(res.max_act[3]):.4g}"
+    top = res.latent(3)["top"]
+    assert len(at.html) >= len(top) > 0
+    assert spans(at.html[0].value) == [t.replace("\n", "↵") for t in top[0]["tokens"]]
+    assert [v for _, v in titles(at.html[0].value)] == pytest.approx(top[0]["acts"], rel=1e-3, abs=1e-6)
+    assert len(charts(at)) == 1  # the activation histogram
+    j = res.latent(3)["neighbors"][0][0]
+    at.button(key=f"nb-neuron-3-{j}").click().run()
+    assert at.number_input(key="neuron").value == j
+    assert at.metric[0].value == f"{float(res.density[j]):.3%}"
+
+
+def test_neuron_explorer_computes_an_uncached_layer(home):
+    at = app("neuron_explorer")
+    at.sidebar.selectbox[1].set_value(1).run()
+    assert "No cached dashboards result for layer 1" in at.info[0].value
+    at.button(key=next(b.key for b in at.button if b.key.startswith("run-"))).click().run()
+    until(at, lambda a: bool(a.metric))
+    assert not at.error
+
+
+def test_neuron_explorer_bad_store_shows_error(home):
+    at = app("neuron_explorer")
+    at.text_input(key="store_path").set_value(str(home["root"] / "missing")).run()
+    assert at.error and "no activation store" in at.error[0].value
+    at.text_input(key="store_path").set_value("").run()
+    at.number_input(key="neuron").set_value(10_000).run()
+    assert at.error and "out of range" in at.error[0].value
+
+
+def test_feature_explorer_lists_and_searches_latents(home):
+    from workbench import api
+
+    res = api.load(home["latent_key"])
+    at = app("feature_explorer")
+    assert "d_sae 96" in at.caption[0].value
+    table = at.dataframe[0].value
+    live = [r for r in res.table() if r["density"] > 0]
+    assert len(table) == len(live)
+    assert table["density"].tolist() == sorted((r["density"] for r in live), reverse=True)
+    word = live[0]["top_tokens"].split(" | ")[0].strip()
+    at.text_input(key="search").set_value(word).run()
+    assert 0 < len(at.dataframe[0].value) <= len(live)
+    assert all(
+        word.lower() in (r.top_tokens + r.top_logits).lower() for r in at.dataframe[0].value.itertuples()
+    )
+    at.number_input(key="latent").set_value(4).run()
+    assert at.metric[1].value == f"{float(res.max_act[4]):.4g}"
+
+
+def test_feature_explorer_bad_dictionary_shows_error(home):
+    at = app("feature_explorer")
+    at.text_input(key="dictionary_path").set_value("/no/such/dictionary").run()
+    assert at.error and "no dictionary folder" in at.error[0].value
+    assert not at.exception
