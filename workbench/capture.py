@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -259,8 +260,10 @@ class _Capture:
 
 
 def _record(site: str, shard: int, row0: int, acts: torch.Tensor, blob: bytes) -> ShardRecord:
-    x = acts.float()
-    norms = x.reshape(len(x), -1).norm(dim=-1)
+    # numpy, not torch: single-threaded, so the writer thread does not fight the forward pass's
+    # OpenMP pool for the cores (5x faster here under load).
+    x = acts.reshape(len(acts), -1)
+    a = (x if x.dtype == torch.float32 else x.float()).numpy()
     return ShardRecord(
         site=site,
         shard=shard,
@@ -268,10 +271,10 @@ def _record(site: str, shard: int, row0: int, acts: torch.Tensor, blob: bytes) -
         row_end=row0 + len(acts),
         bytes=len(blob),
         sha256=hashlib.sha256(blob).hexdigest(),
-        mean=x.mean().item(),
-        std=x.std().item(),
-        norm_mean=norms.mean().item(),
-        abs_max=x.abs().max().item(),
+        mean=float(a.mean(dtype=np.float64)),
+        std=float(a.std(dtype=np.float64)),
+        norm_mean=float(np.sqrt(np.einsum("ij,ij->i", a, a)).mean()),
+        abs_max=float(np.abs(a).max()),
     )
 
 
