@@ -6,14 +6,14 @@ through `workbench.api`, so whatever it computes is a cache hit for the CLI and 
 
 import streamlit as st
 
-st.set_page_config(page_title="MI workbench", page_icon="🔬", layout="wide")
+st.set_page_config(page_title="MI workbench", page_icon=":material/biotech:", layout="wide")
 
 PAGES = [
-    st.Page("app_pages/home.py", title="Home", icon="🏠", default=True),
-    st.Page("app_pages/prompt_lens.py", title="Prompt lens", icon="🔎"),
-    st.Page("app_pages/neuron_explorer.py", title="Neuron explorer", icon="🧠"),
-    st.Page("app_pages/feature_explorer.py", title="Feature explorer", icon="🧩"),
-    st.Page("app_pages/analyses.py", title="Analyses", icon="📊"),
+    st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
+    st.Page("app_pages/prompt_lens.py", title="Prompt lens", icon=":material/text_fields:"),
+    st.Page("app_pages/neuron_explorer.py", title="Neuron explorer", icon=":material/neurology:"),
+    st.Page("app_pages/feature_explorer.py", title="Feature explorer", icon=":material/extension:"),
+    st.Page("app_pages/analyses.py", title="Analyses", icon=":material/analytics:"),
 ]
 
 st.navigation(PAGES).run()

@@ -151,18 +151,26 @@ def _colour(value: float, vmax: float) -> str:
     return f"rgba({rgb},{alpha:.2f})"
 
 
-def token_html(tokens: list[str], values: list[float], vmax: float | None = None) -> str:
-    """Tokens as spans coloured by value (orange positive, blue negative); hover shows the value."""
+def token_html(
+    tokens: list[str], values: list[float], vmax: float | None = None, mark: int | None = None
+) -> str:
+    """Tokens as spans coloured by value (orange positive, blue negative); hover shows the value;
+    the token at `mark` (e.g. the max-activating one) is outlined."""
     vmax = vmax if vmax is not None else max((abs(v) for v in values), default=0.0)
     spans = []
     for i, (tok, v) in enumerate(zip(tokens, values)):
         shown = html.escape(tok).replace("\n", "↵")
         tip = html.escape(f"{i}: {tok!r} = {v:.4g}", quote=True)
+        outline = "outline:2px solid #333;" if i == mark else ""
         spans.append(
-            f'<span class="tok" title="{tip}" style="background:{_colour(v, vmax)};'
-            f'border-radius:3px;padding:1px 0;white-space:pre">{shown}</span>'
+            f'<span class="tok" title="{tip}" style="background:{_colour(v, vmax)};{outline}'
+            f'border-radius:3px;padding:1px 0;white-space:pre-wrap">{shown}</span>'
         )
-    return '<div style="line-height:1.9;font-family:monospace">' + "".join(spans) + "</div>"
+    return (
+        '<div style="line-height:1.9;font-family:monospace;overflow-wrap:anywhere">'
+        + "".join(spans)
+        + "</div>"
+    )
 
 
 def show_result(key: str) -> None:
@@ -171,8 +179,10 @@ def show_result(key: str) -> None:
     rows = res.summary()
     if rows:
         st.dataframe(rows, hide_index=True, width="stretch")
+    cols = st.columns(2)
     for i, fig in enumerate(figures(key).values()):
-        st.plotly_chart(fig, key=f"fig-{key[:12]}-{i}", width="stretch")
+        with cols[i % 2]:
+            st.plotly_chart(fig, key=f"fig-{key[:12]}-{i}", width="stretch")
 
 
 def cached_or_run(name: str, overrides: dict[str, Any], what: str) -> str | None:

@@ -20,7 +20,7 @@ def histogram(hist: dict, i: int, unit: str) -> go.Figure:
     centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     fig = go.Figure(go.Bar(x=centres, y=counts, width=[b - a for a, b in zip(edges, edges[1:])]))
     fig.update_layout(
-        title=f"activation histogram ({unit} {i}, tokens where it fires)",
+        title=f"activations of {unit} {i} (where > 0)",
         xaxis_title="activation",
         yaxis_title="tokens",
         height=280,
@@ -35,7 +35,7 @@ def _logit_rows(pairs: list) -> list[dict]:
 
 def _contexts(ctxs: list[dict], vmax: float | None) -> None:
     for c in ctxs:
-        st.html(ui.token_html(c["tokens"], c["acts"], vmax=vmax))
+        st.html(ui.token_html(c["tokens"], c["acts"], vmax=vmax, mark=c.get("max_index")))
 
 
 def _numbers(d: dict, res) -> None:
