@@ -38,7 +38,10 @@ def load_dictionary(spec: str):
                 f"no dictionary at '{spec}' (expected a folder with cfg.json + safetensors)"
             ) from None
         load = SAE.load_from_disk
-    return load(spec).eval()
+    sae = load(spec).eval()
+    if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
+        sae.turn_off_forward_pass_hook_z_reshaping()  # we flatten [n_heads, d_head] ourselves
+    return sae
 
 
 def check_processing(sae, store) -> None:
@@ -147,8 +150,8 @@ def _stored_metrics(sae, store, hook_in: str, hook_out: str, keep: torch.Tensor,
         mask = keep[rec.row_start : rec.row_end]
         if not mask.any():
             continue
-        x = store.shard(hook_in, i)[mask].float()
-        target = x if hook_out == hook_in else store.shard(hook_out, i)[mask].float()
+        x = store.shard(hook_in, i)[mask].float().flatten(1)  # [rows, d] ([n_heads, d_head] sites flattened)
+        target = x if hook_out == hook_in else store.shard(hook_out, i)[mask].float().flatten(1)
         for lo in range(0, len(x), cfg.token_batch):
             f = sae.encode(x[lo : lo + cfg.token_batch])
             x_hat, t = sae.decode(f), target[lo : lo + cfg.token_batch]
@@ -169,7 +172,7 @@ def _replacement_hooks(sae, hook_in: str, hook_out: str, skip_bos: bool) -> list
 
     def replace(act, hook):
         x = saved.get("x", act)
-        new = sae.decode(sae.encode(x.float())).to(act.dtype)
+        new = sae.decode(sae.encode(x.float().flatten(2))).reshape(act.shape).to(act.dtype)
         if skip_bos:
             new[:, 0] = act[:, 0]
         return new

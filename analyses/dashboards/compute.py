@@ -1,0 +1,175 @@
+"""Streaming computation of dashboard data: three passes over the store, bounded by one shard × latents."""
+
+from __future__ import annotations
+
+import torch
+
+from analyses.sae_eval import dictionary_sites
+from sae.metrics import nearest_by_cosine
+from workbench.context import Context
+from workbench.sites import layer_of
+
+N_BINS, N_LOGITS, N_NEIGHBORS = 32, 10, 8
+
+
+class Latents:
+    """Activations of the first n latents on store rows: raw neurons or a dictionary's encoding."""
+
+    def __init__(self, sae, n: int, token_batch: int):
+        self.sae, self.n, self.token_batch = sae, n, token_batch
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [rows, *site] -> [rows, n]
+        x = x.reshape(len(x), -1).float()
+        if self.sae is None:
+            return x[:, : self.n]
+        return torch.cat(
+            [
+                self.sae.encode(x[i : i + self.token_batch])[:, : self.n]
+                for i in range(0, len(x), self.token_batch)
+            ]
+        )
+
+
+def store_batches(store, site: str, keep: torch.Tensor, token_batch: int, ctx: Context, desc: str):
+    """(rows [B], x [B, ...]) over the kept rows, shard by shard."""
+    for i in ctx.progress(range(store.n_shards(site)), desc=desc):
+        rec = store.records(site)[i]
+        mask = keep[rec.row_start : rec.row_end]
+        if not mask.any():
+            continue
+        rows, x = torch.arange(rec.row_start, rec.row_end)[mask], store.shard(site, i)[mask]
+        for lo in range(0, len(x), token_batch):
+            yield rows[lo : lo + token_batch], x[lo : lo + token_batch]
+
+
+def merge_topk(vals, rows, cand_vals, cand_rows, k: int, extra=None):
+    """Running top-k per latent: topk over the kept [L, k] and the new candidates [L, B]."""
+    all_v = torch.cat([vals, cand_vals], 1)
+    v, idx = all_v.topk(k, dim=1)
+    r = torch.cat([rows, cand_rows.expand(len(vals), -1)], 1).gather(1, idx)
+    return v, r, (None if extra is None else torch.cat(extra, 1).gather(1, idx))
+
+
+def pass_top(batches, acts_of, n: int, n_top: int) -> dict[str, torch.Tensor]:
+    vals, rows = torch.full((n, n_top), -torch.inf), torch.full((n, n_top), -1)
+    fires, sums, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
+    for r, x in batches:
+        a = acts_of(x)  # [B, n]
+        on = a > 0
+        fires += on.sum(0)
+        sums += torch.where(on, a, 0).sum(0).double()
+        count += len(a)
+        vals, rows, _ = merge_topk(vals, rows, torch.where(on, a, -torch.inf).T, r[None], n_top)
+    rows[vals == -torch.inf] = -1
+    return {
+        "top_acts": vals.clamp(min=0),
+        "top_rows": rows,
+        "density": (fires / max(count, 1)).float(),
+        "mean_act": (sums / fires.clamp(min=1)).float(),
+        "count": torch.tensor(count),
+    }
+
+
+def pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: int, seed: int):
+    """Histogram of nonzero activations on [0, max] and s random samples per interval (q/n_q, (q+1)/n_q]·max."""
+    n = len(max_act)
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.zeros(n * N_BINS, dtype=torch.long)
+    q_counts = torch.zeros(n * n_q, dtype=torch.long)
+    keys, rows, vals = (
+        torch.full((n, n_q, s), -torch.inf),
+        torch.full((n, n_q, s), -1),
+        torch.zeros(n, n_q, s),
+    )
+    scale = torch.where(max_act > 0, max_act, 1.0)
+    latent = torch.arange(n) * N_BINS
+    for r, x in batches:
+        a = acts_of(x)
+        on = a > 0
+        counts += torch.bincount(
+            (latent + (a / scale * N_BINS).long().clamp(0, N_BINS - 1))[on], minlength=n * N_BINS
+        )
+        interval = ((a / scale * n_q).ceil().long() - 1).clamp(0, n_q - 1)
+        q_counts += torch.bincount((torch.arange(n) * n_q + interval)[on], minlength=n * n_q)
+        key = torch.rand(a.shape, generator=gen)
+        for q in range(n_q):
+            cand = torch.where(on & (interval == q), key, -torch.inf).T
+            keys[:, q], rows[:, q], vals[:, q] = merge_topk(
+                keys[:, q], rows[:, q], cand, r[None], s, (vals[:, q], a.T)
+            )
+    rows[keys == -torch.inf] = -1
+    vals[keys == -torch.inf] = 0
+    return counts.reshape(n, N_BINS), vals.reshape(n, -1), rows.reshape(n, -1), q_counts.reshape(n, n_q)
+
+
+@torch.no_grad()
+def windows(
+    store, site: str, acts_of, centers: torch.Tensor, before: int, after: int, token_ids: torch.Tensor
+):
+    """Token ids and latent activations on [center − before, center + after] within its sequence.
+
+    centers: [n, S] store rows (-1 = none). Returns tokens, acts: [n, S, before + 1 + after].
+    """
+    ctx_len, n_rows = store.config["ctx_len"], len(token_ids)
+    win = centers[..., None] + torch.arange(-before, after + 1)  # [n, S, W]
+    valid = (
+        (centers[..., None] >= 0)
+        & (win >= 0)
+        & (win < n_rows)
+        & (win // ctx_len == centers[..., None] // ctx_len)
+    )
+    tokens = torch.where(valid, token_ids[win.clamp(0, n_rows - 1)], -1)
+    lat = torch.arange(len(centers))[:, None, None].expand_as(win)[valid]
+    flat, order = win[valid].sort()
+    lat = lat[order]
+    values = torch.zeros(len(flat))
+    for i, rec in enumerate(store.records(site)):
+        lo, hi = (int(torch.searchsorted(flat, b)) for b in (rec.row_start, rec.row_end))
+        if lo == hi:
+            continue
+        uniq, inv = flat[lo:hi].unique(return_inverse=True)
+        a = acts_of(store.shard(site, i)[uniq - rec.row_start])  # [U, n]
+        values[order[lo:hi]] = a[inv, lat[lo:hi]]
+    acts = torch.zeros(win.shape)
+    acts[valid] = values
+    return tokens, acts
+
+
+def directions(sae, model, site: str) -> tuple[torch.Tensor | None, str]:
+    """Output direction of every latent in the residual stream, [d_sae or d, d_model], and how."""
+    layer, d_model = layer_of(site), model.cfg.d_model
+    if sae is not None:
+        W, out_site = sae.W_dec.detach().float(), dictionary_sites(sae)[1]
+        if W.shape[1] == d_model:
+            return W, "W_dec @ W_U"
+        if out_site.endswith("mlp.hook_post") and layer is not None:
+            return W @ model.W_out[layer].detach().float(), "W_dec @ W_out[layer] @ W_U"
+        return None, f"no output direction for a dictionary decoding to {out_site}"
+    if site.endswith("mlp.hook_post") and layer is not None:
+        return model.W_out[layer].detach().float(), "W_out[layer] @ W_U"
+    if site.endswith(
+        ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
+    ):
+        return torch.eye(d_model), "W_U rows (residual-stream basis)"
+    return None, f"no output direction for neurons of {site}"
+
+
+@torch.no_grad()
+def logits_and_neighbors(D: torch.Tensor | None, W_U: torch.Tensor, n: int, W_cos: torch.Tensor | None):
+    out = {k: torch.full((n, N_LOGITS), -1) for k in ("top_logit_ids", "bottom_logit_ids")}
+    out |= {k: torch.full((n, N_LOGITS), torch.nan) for k in ("top_logit_vals", "bottom_logit_vals")}
+    if D is not None:
+        for lo in range(0, n, 256):
+            logits = D[lo : min(lo + 256, n)] @ W_U  # [chunk, vocab]
+            out["top_logit_vals"][lo : lo + 256], out["top_logit_ids"][lo : lo + 256] = logits.topk(N_LOGITS)
+            v, i = logits.topk(N_LOGITS, largest=False)
+            out["bottom_logit_vals"][lo : lo + 256], out["bottom_logit_ids"][lo : lo + 256] = v, i
+    out["neighbors"], out["neighbor_cos"] = (
+        torch.full((n, N_NEIGHBORS), -1),
+        torch.full((n, N_NEIGHBORS), torch.nan),
+    )
+    if W_cos is not None and len(W_cos) > 1:
+        idx, cos = nearest_by_cosine(W_cos, N_NEIGHBORS)
+        out["neighbors"][:, : idx.shape[1]], out["neighbor_cos"][:, : idx.shape[1]] = idx[:n], cos[:n]
+    return out

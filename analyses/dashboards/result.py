@@ -1,0 +1,219 @@
+"""The dashboards result: tensors per latent, plain-Python views for the app, Neuronpedia export.
+
+Export field names follow SAEDashboard's `NeuronpediaDashboardFeature`/`Activation` dataclasses and
+Neuronpedia's feature/activation tables (ecosystem.md §4.3).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.analysis import Result
+from workbench.sites import layer_of
+
+
+@dataclass
+class DashboardResult(Result):
+    site: str
+    source: str
+    """'neurons' or the dictionary path."""
+    model: str
+    n_latents: int
+    n_tokens: int
+    decoded: dict[str, str]
+    """Token id (as str) -> decoded string, for every id in contexts and logits."""
+    logit_note: str
+    window_before: int
+    quantile_samples: int
+    density: torch.Tensor  # [n_latents] fraction of scanned tokens with activation > 0
+    max_act: torch.Tensor  # [n_latents]
+    mean_act: torch.Tensor  # [n_latents] mean over the tokens where the latent fires
+    top_acts: torch.Tensor  # [n_latents, n_top]
+    top_rows: torch.Tensor  # [n_latents, n_top] store row of the activating token, -1 = none
+    ctx_tokens: torch.Tensor  # [n_latents, n_top, window] token ids, -1 = padding
+    ctx_acts: torch.Tensor  # [n_latents, n_top, window]
+    quantile_acts: torch.Tensor  # [n_latents, n_quantiles * samples], interval-major
+    quantile_rows: torch.Tensor
+    quantile_counts: torch.Tensor  # [n_latents, n_quantiles] firing tokens per interval
+    quantile_ctx_tokens: torch.Tensor
+    quantile_ctx_acts: torch.Tensor
+    top_logit_ids: torch.Tensor  # [n_latents, 10], -1 when the site has no output direction
+    top_logit_vals: torch.Tensor
+    bottom_logit_ids: torch.Tensor
+    bottom_logit_vals: torch.Tensor
+    neighbors: torch.Tensor  # [n_latents, 8] by decoder (or W_out) cosine, -1 = none
+    neighbor_cos: torch.Tensor
+    hist_counts: torch.Tensor  # [n_latents, 32] counts of nonzero activations
+    hist_edges: torch.Tensor  # [n_latents, 33] from 0 to max_act
+
+    # --- plain-Python views for the app and notebooks ---------------------------------------
+    def _tok(self, i: int) -> str:
+        return self.decoded.get(str(int(i)), f"<{int(i)}>")
+
+    def _contexts(self, tokens: torch.Tensor, acts: torch.Tensor, values: torch.Tensor) -> list[dict]:
+        out = []
+        for t, a, v in zip(tokens, acts, values):
+            keep = t >= 0
+            if not keep.any():
+                continue
+            out.append(
+                {
+                    "tokens": [self._tok(x) for x in t[keep]],
+                    "acts": a[keep].tolist(),
+                    "token_ids": t[keep].tolist(),
+                    "max_index": int(self.window_before - (~keep[: self.window_before]).sum()),
+                    "act": float(v),
+                }
+            )
+        return out
+
+    def _logits(self, ids: torch.Tensor, vals: torch.Tensor) -> list[tuple[str, float]]:
+        return [(self._tok(t), float(v)) for t, v in zip(ids, vals) if t >= 0]
+
+    def latent(self, i: int) -> dict[str, Any]:
+        """Everything about latent i as plain Python (contexts, logits, neighbours, histogram)."""
+        if not 0 <= i < self.n_latents:
+            raise IndexError(f"latent {i} out of range: this result has {self.n_latents} latents")
+        s, max_act = self.quantile_samples, float(self.max_act[i])
+        n_q = self.quantile_acts.shape[1] // max(s, 1)
+        quantiles = []
+        for q in range(n_q):
+            sl = slice(q * s, (q + 1) * s)
+            ctxs = self._contexts(
+                self.quantile_ctx_tokens[i, sl], self.quantile_ctx_acts[i, sl], self.quantile_acts[i, sl]
+            )
+            frac = float(self.quantile_counts[i, q] / self.quantile_counts[i].sum().clamp(min=1))
+            lo, hi = q * max_act / n_q, (q + 1) * max_act / n_q
+            quantiles.append({"bin_min": lo, "bin_max": hi, "bin_contains": frac, "contexts": ctxs})
+        return {
+            "latent": i,
+            "density": float(self.density[i]),
+            "max_act": max_act,
+            "mean_act": float(self.mean_act[i]),
+            "top": self._contexts(self.ctx_tokens[i], self.ctx_acts[i], self.top_acts[i]),
+            "quantiles": quantiles,
+            "pos_logits": self._logits(self.top_logit_ids[i], self.top_logit_vals[i]),
+            "neg_logits": self._logits(self.bottom_logit_ids[i], self.bottom_logit_vals[i]),
+            "neighbors": [
+                (int(j), float(c)) for j, c in zip(self.neighbors[i], self.neighbor_cos[i]) if j >= 0
+            ],
+            "hist": {"counts": self.hist_counts[i].tolist(), "edges": self.hist_edges[i].tolist()},
+        }
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per latent for a searchable list."""
+        rows = []
+        for i in range(self.n_latents):
+            centers = self.ctx_tokens[i, :, self.window_before]
+            tops = [self._tok(t) for t in centers[centers >= 0][:5]]
+            logits = [self._tok(t) for t in self.top_logit_ids[i, :5] if t >= 0]
+            rows.append(
+                {
+                    "latent": i,
+                    "density": float(self.density[i]),
+                    "max_act": float(self.max_act[i]),
+                    "mean_act": float(self.mean_act[i]),
+                    "top_tokens": " | ".join(tops),
+                    "top_logits": " | ".join(logits),
+                }
+            )
+        return rows
+
+    def summary(self) -> list[dict[str, Any]]:
+        d = self.density
+        return [
+            {
+                "site": self.site,
+                "source": self.source,
+                "n_latents": self.n_latents,
+                "n_tokens": self.n_tokens,
+                "frac_dead": float((d == 0).float().mean()),
+                "median_density": float(d.median()),
+                "frac_density_over_10_percent": float((d > 0.1).float().mean()),
+            }
+        ]
+
+    def figures(self) -> dict:
+        import plotly.express as px
+
+        live = self.density[self.density > 0]
+        return {
+            "latent density": px.histogram(
+                x=live.log10().tolist(),
+                nbins=50,
+                title=f"log10 activation density of live latents ({self.n_latents - len(live)} dead), {self.site}",
+                labels={"x": "log10 density"},
+            ),
+            "density vs max activation": px.scatter(
+                x=self.density.tolist(),
+                y=self.max_act.tolist(),
+                log_x=True,
+                hover_name=[f"latent {i}" for i in range(self.n_latents)],
+                title="density vs max activation per latent",
+                labels={"x": "density", "y": "max activation"},
+            ),
+        }
+
+    def to_neuronpedia(self, i: int) -> dict[str, Any]:
+        """Latent i as one SAEDashboard/Neuronpedia feature (field names of their dataclasses)."""
+        d = self.latent(i)
+        acts = []
+        groups = [(-1.0, float(self.max_act[i]), -1.0, d["top"])]
+        groups += [(q["bin_min"], q["bin_max"], q["bin_contains"], q["contexts"]) for q in d["quantiles"]]
+        for bin_min, bin_max, contains, ctxs in groups:
+            for c in ctxs:
+                acts.append(
+                    {
+                        "tokens": c["tokens"],
+                        "values": [round(v, 4) for v in c["acts"]],
+                        "maxValue": max(c["acts"]),
+                        "maxValueTokenIndex": max(range(len(c["acts"])), key=c["acts"].__getitem__),
+                        "minValue": min(c["acts"]),
+                        "binMin": bin_min,
+                        "binMax": bin_max,
+                        "binContains": contains,
+                        "bin_min": bin_min,
+                        "bin_max": bin_max,
+                        "bin_contains": contains,
+                    }
+                )
+        counts, edges = self.hist_counts[i], self.hist_edges[i]
+        return {
+            "modelId": self.model,
+            "layer": layer_of(self.site),
+            "index": i,
+            "feature_index": i,
+            "hookName": self.site,
+            "maxActApprox": float(self.max_act[i]),
+            "frac_nonzero": float(self.density[i]),
+            "pos_str": [t for t, _ in d["pos_logits"]],
+            "pos_values": [v for _, v in d["pos_logits"]],
+            "neg_str": [t for t, _ in d["neg_logits"]],
+            "neg_values": [v for _, v in d["neg_logits"]],
+            "topkCosSimIndices": [j for j, _ in d["neighbors"]],
+            "topkCosSimValues": [c for _, c in d["neighbors"]],
+            "freq_hist_data_bar_heights": counts.tolist(),
+            "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
+            "n_tokens_in_prompt": len(self.ctx_tokens[i, 0]),
+            "activations": acts,
+        }
+
+
+def export_neuronpedia(result: DashboardResult, path: str | Path, sae_set: str = "", latents=None) -> Path:
+    """Write a SAEDashboard `batch-N.json`-shaped file: {model_id, layer, sae_set, features: [...]}."""
+    latents = range(result.n_latents) if latents is None else latents
+    batch = {
+        "model_id": result.model,
+        "layer": layer_of(result.site),
+        "sae_set": sae_set or ("neurons" if result.source == "neurons" else Path(result.source).name),
+        "features": [result.to_neuronpedia(int(i)) for i in latents],
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(batch))
+    return path
