@@ -250,3 +250,28 @@ def test_cache_round_trip_and_clear_errors(store, tmp_path):
         api.run("sae-eval", store=str(store.root))
     with pytest.raises(Exception, match="no dictionary|neither a dictionary folder"):
         api.run("sae-eval", dictionary=str(tmp_path / "nope"), store=str(store.root))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "mp", "top_afa"])
+def test_every_architecture_evaluates_like_a_direct_forward(arch, store, tmp_path):
+    """Our dictionaries (sae.archs, saved by sae.io) through sae-eval = a direct encode/decode."""
+    archs = pytest.importorskip("sae.archs")
+    io = pytest.importorskip("sae.io")
+    from workbench import api
+
+    d = store.shape(SITE)[0]
+    sae = archs.build(archs.ArchSpec(arch, d_in=d, d_sae=64, k=4), metadata={"hook_name": SITE})
+    path = io.save_dictionary(sae, tmp_path / arch)
+    res = api.run("sae-eval", dictionary=f"{path},{path}", store=str(store.root), n_seqs=0)
+    assert len(res.table) == 2 and res.table[0]["fvu"] == res.table[1]["fvu"]  # one row per dictionary
+    loaded = io.load_dictionary(path)
+    x = store.read(SITE).double()
+    x = x[torch.arange(len(x)) % CTX != 0]
+    with torch.no_grad():
+        f = loaded.encode(x.float())
+        x_hat = loaded.decode(f).double()
+    row = res.table[0]
+    assert row["l0"] == pytest.approx(float((f != 0).sum(-1).double().mean()), rel=1e-6)
+    ref = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert row["fvu"] == pytest.approx(ref, rel=1e-4)
+    assert res.l0_per_token["0"].shape == (len(x),)
