@@ -53,15 +53,15 @@ class SparsityConfig:
     """Firing definition for dead/always-on neurons: nonzero (a != 0), eps (|a| > eps) or pre_pos (pre > 0)."""
     ppl_p: float = 1.0
     """PPL-p%: the allowed perplexity increase in percent (Sparsing Law uses 1); 0 skips the search."""
-    held_tokens: int = 768
+    held_tokens: int = 512
     """Tokens of held-out text (after the measured ones) for the PPL-p% search and the top-k sweep."""
-    cett_tokens: int = 256
+    cett_tokens: int = 128
     """Measured tokens (evenly strided sample) used to fit the per-layer CETT thresholds."""
     search_tol: float = 0.001
     """Stop the CETT bisection when the perplexity ratio is within this of 1 + p/100."""
     search_iters: int = 16
     """Most CETT bisection steps (one held-text forward pass each)."""
-    topk_ks: str = "0.01,0.02,0.05,0.1,0.2,0.35,0.5,0.75,1"
+    topk_ks: str = "0.01,0.03,0.1,0.2,0.35,0.5,1"
     """Top-k sweep, comma-separated: values <= 1 are fractions of d_mlp, larger ones neuron counts; empty skips."""
     topk_layers: str = "all"
     """Layers the top-k intervention applies to: 'all' or comma-separated indices."""
@@ -142,39 +142,7 @@ def run(cfg: SparsityConfig, ctx: Context) -> SparsityResult:
     rates, n_tokens = firing_rates(store, layers, cfg.eps, cfg.skip_bos, ctx.progress)
     model = ctx.model(store.config["model"], store.config.get("processing", "raw"))
     d_mlp = rates["nonzero"].shape[-1]
-    ks = cfg.k_values(d_mlp)
-    topk_layers = cfg.layer_list(layers)
-    pplp, topk = {}, {}
-    if cfg.ppl_p > 0 or ks:
-        W_out = model.W_out.detach().float().cpu()  # [n_layers, d_mlp, d_model]
-        w_norms = {layer: W_out[layer].norm(dim=-1) for layer in layers}  # [d_mlp] each
-        ctx_len = store.config["ctx_len"]
-        tokens = held_tokens(
-            store.config["data"],
-            model.tokenizer,
-            ctx_len,
-            store.config["bos"],
-            store.n_rows // ctx_len,
-            cfg.held_tokens,
-        )
-        held = HeldEval(model, tokens, cfg.batch_size)
-        first_pos = 1 if cfg.skip_bos else 0
-        if cfg.ppl_p > 0:
-            curves = TailCurves()
-            rows = calibration_rows(store, cfg.skip_bos, cfg.cett_tokens)
-            for layer in ctx.progress(layers, desc="sparsity: CETT curves"):
-                curves.add_layer(layer, read_rows(store, POST.format(layer), rows), W_out[layer])
-            pplp = pplp_search(
-                curves, held, w_norms, cfg.ppl_p, cfg.search_tol, cfg.search_iters, first_pos, ctx.progress
-            )
-        if ks:
-            rows_k = topk_sweep(held, topk_layers, ks, w_norms, first_pos, cfg.topk_score, ctx.progress)
-            topk = {
-                "layers": topk_layers,
-                "score": cfg.topk_score,
-                "dense_loss": held.dense.loss,
-                "rows": rows_k,
-            }
+    pplp, topk, n_held = interventions(cfg, ctx, store, model, layers, d_mlp)
     return SparsityResult(
         model=store.config["model"],
         store=str(store.root),
@@ -187,4 +155,38 @@ def run(cfg: SparsityConfig, ctx: Context) -> SparsityResult:
         rates=rates,
         pplp=pplp,
         topk=topk,
+        held_tokens=n_held,
     )
+
+
+def interventions(cfg: SparsityConfig, ctx: Context, store, model, layers: list[int], d_mlp: int):
+    """The PPL-p% search and the top-k sweep on the held text -> (pplp, topk, held token count)."""
+    ks, topk_layers = cfg.k_values(d_mlp), cfg.layer_list(layers)
+    if cfg.ppl_p <= 0 and not ks:
+        return {}, {}, 0
+    W_out = model.W_out.detach().float().cpu()  # [n_layers, d_mlp, d_model]
+    w_norms = {layer: W_out[layer].norm(dim=-1) for layer in layers}  # [d_mlp] each
+    ctx_len = store.config["ctx_len"]
+    tokens = held_tokens(
+        store.config["data"],
+        model.tokenizer,
+        ctx_len,
+        store.config["bos"],
+        store.n_rows // ctx_len,
+        cfg.held_tokens,
+    )
+    held = HeldEval(model, tokens, cfg.batch_size)
+    first_pos = 1 if cfg.skip_bos else 0
+    pplp, topk = {}, {}
+    if cfg.ppl_p > 0:
+        curves = TailCurves()
+        rows = calibration_rows(store, cfg.skip_bos, cfg.cett_tokens)
+        for layer in ctx.progress(layers, desc="sparsity: CETT curves"):
+            curves.add_layer(layer, read_rows(store, POST.format(layer), rows), W_out[layer])
+        pplp = pplp_search(
+            curves, held, w_norms, cfg.ppl_p, cfg.search_tol, cfg.search_iters, first_pos, ctx.progress
+        )
+    if ks:
+        rows_k = topk_sweep(held, topk_layers, ks, w_norms, first_pos, cfg.topk_score, ctx.progress)
+        topk = {"layers": topk_layers, "score": cfg.topk_score, "dense_loss": held.dense.loss, "rows": rows_k}
+    return pplp, topk, tokens.numel()

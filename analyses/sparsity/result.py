@@ -36,6 +36,8 @@ class SparsityResult(Result):
     """PPL-p% point (cett, ppl_ratio, ratio, layer_ratio, thresholds, ...) and search trace; {} if off."""
     topk: dict[str, Any]
     """layers, score, dense_loss, rows (k, loss, ppl, delta_loss, top1_agree, active_ratio); {} if off."""
+    held_tokens: int = 0
+    """Tokens of held-out text the interventions were evaluated on (0 when both are off)."""
 
     def layer_ratio(self, definition: str) -> list[float]:
         return self.rates[definition].double().mean(-1).tolist()
