@@ -97,6 +97,8 @@ class SaeEvalResult(Result):
     afa_ratio: dict[str, torch.Tensor]
     """dictionary index -> [tokens] ‖f̃‖/‖x‖ (f̃ scaled by decoder norms, ‖b_dec‖ appended)."""
     afa_ratio_centered: dict[str, torch.Tensor]
+    x_norm: dict[str, torch.Tensor]
+    """dictionary index -> [tokens] ‖x‖ of the reconstruction target (x axis of the ZF plot)."""
     """dictionary index -> [tokens] ‖f̃‖/‖x − b_dec‖ (what top-AFA's k* selection matches)."""
     l0_per_token: dict[str, torch.Tensor]
 
@@ -122,6 +124,17 @@ class SaeEvalResult(Result):
             fig.add_box(y=ratio[:5000].tolist(), name=names[i], boxpoints=False)
         fig.add_hline(y=1.0, line_dash="dash", annotation_text="AFA expectation")
         figs["AFA norm ratio by layer"] = fig.update_layout(yaxis_title="||f~|| / ||x||")
+        fig = go.Figure(
+            layout_title_text="ZF plot: ||x|| vs ||f~|| per token (Lee et al. 2025; diagonal = AFA)"
+        )
+        for i, ratio in self.afa_ratio.items():
+            x = self.x_norm[i][:3000]
+            fig.add_scattergl(
+                x=x.tolist(), y=(ratio[:3000] * x).tolist(), mode="markers", name=names[i], marker_size=3
+            )
+        top = max((float(v[:3000].max()) for v in self.x_norm.values() if len(v)), default=1.0)
+        fig.add_scatter(x=[0, top], y=[0, top], mode="lines", line_dash="dash", name="||f~|| = ||x||")
+        figs["ZF plot"] = fig.update_layout(xaxis_title="||x||", yaxis_title="||f~||")
         fig = go.Figure(layout_title_text="L0 per token")
         for i, l0 in self.l0_per_token.items():
             fig.add_histogram(x=l0.tolist(), name=names[i], nbinsx=50)
@@ -282,6 +295,7 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
         row["mlp_out_fvu"] = row["fvu"]
     tensors = {"frequency": freq, "max_cos": max_cos, "l0": out["l0"]}
     tensors |= {"afa_ratio": out["afa"]["ratio"], "afa_ratio_centered": out["afa"]["ratio_centered"]}
+    tensors["x_norm"] = out["afa"]["z_norm"]
     return row, tensors
 
 
@@ -298,7 +312,7 @@ FORMULAS = {
 }
 
 
-@register("sae-eval", version=1)
+@register("sae-eval", version=2)
 def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
     """Evaluate SAEs/transcoders: L0, FVU, CE recovered, KL, dead/dense latents, decoder cosines, AFA."""
     paths = [p.strip() for p in cfg.dictionary.split(",") if p.strip()]
@@ -309,7 +323,10 @@ def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
     store = ctx.store(cfg.store)
     model_key = cfg.model or store.config["model"]
     model = ctx.model(model_key, store.config.get("processing", "raw")) if cfg.n_seqs > 0 else None
-    table, tensors = [], {k: {} for k in ("frequency", "max_cos", "afa_ratio", "afa_ratio_centered", "l0")}
+    table, tensors = (
+        [],
+        {k: {} for k in ("frequency", "max_cos", "afa_ratio", "afa_ratio_centered", "x_norm", "l0")},
+    )
     for i, path in enumerate(paths):
         row, arrays = evaluate(load_dictionary(path), path, store, model, cfg, ctx)
         table.append(row)
@@ -324,5 +341,6 @@ def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
         max_cos=tensors["max_cos"],
         afa_ratio=tensors["afa_ratio"],
         afa_ratio_centered=tensors["afa_ratio_centered"],
+        x_norm=tensors["x_norm"],
         l0_per_token=tensors["l0"],
     )

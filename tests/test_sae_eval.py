@@ -235,7 +235,7 @@ def test_transcoder_zero_decoder_matches_ablation(store, tmp_path):
     assert row["ce_loss_score"] == pytest.approx(0.0, abs=1e-4)
     y = torch.cat([store.read(TC_OUT)]).double()
     assert row["mlp_out_fvu"] == pytest.approx(float(y.pow(2).sum() / (y - y.mean(0)).pow(2).sum()), rel=1e-5)
-    assert set(res.figures()) >= {"firing frequency", "AFA norm ratio by layer"}
+    assert set(res.figures()) >= {"firing frequency", "AFA norm ratio by layer", "ZF plot", "decoder cosine"}
 
 
 def test_cache_round_trip_and_clear_errors(store, tmp_path):

@@ -83,7 +83,7 @@ def _resolve(cfg: DashboardConfig, store):
     return sae, site
 
 
-@register("dashboards", version=1)
+@register("dashboards", version=2)
 def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
     """Feature/neuron dashboards: top and quantile contexts, density, histogram, ± logits, neighbours."""
     if not cfg.store:
