@@ -204,3 +204,13 @@ def test_cli_help_and_bad_option():
     assert "fire_def must be one of" in bad.output
     bad = runner.invoke(cli, ["sparsity", "--topk-ks", "a,b"])
     assert bad.exit_code == 2 and "topk_ks" in bad.output
+
+
+def test_large_preset_is_a_valid_config():
+    import json
+    from pathlib import Path
+
+    preset = json.loads((Path(__file__).parents[1] / "data" / "presets" / "sparsity-large.json").read_text())
+    assert preset["analysis"] == "sparsity"
+    cfg = analysis.get("sparsity").make_config(**preset["config"])
+    assert cfg.k_values(1536)[-1] == 1536 and cfg.n_tokens > 4096
