@@ -107,9 +107,11 @@ def main() -> None:
         print(f"{mode:>15}: median {med[mode]:.2f}s  ({args.tokens / med[mode]:.0f} tok/s)  runs {[round(t, 2) for t in times[mode]]}")
     print(f"capture / forward = {med['capture'] / med['forward']:.3f}")
     print(f"run_with_cache / forward = {med['run_with_cache'] / med['forward']:.3f}")
-    if args.memory:
+    if args.memory:  # flat in the token budget: compare N and 2N tokens per mode
         for mode in MODES:
-            print(f"peak RSS {mode:>15}: {peak_rss_mb(mode, args):.0f} MB")
+            small = peak_rss_mb(mode, args)
+            big = peak_rss_mb(mode, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
+            print(f"peak RSS {mode:>15}: {small:.0f} MB at {args.tokens} tokens, {big:.0f} MB at {2 * args.tokens} tokens")
 
 
 if __name__ == "__main__":
