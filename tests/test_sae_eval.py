@@ -184,7 +184,7 @@ def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path):
             self.i = 0
 
     config = EvalConfig(
-        batch_size_prompts=4, n_eval_reconstruction_batches=4, n_eval_sparsity_variance_batches=4,
+        batch_size_prompts=4, n_eval_reconstruction_batches=2, n_eval_sparsity_variance_batches=2,
         compute_kl=True, compute_ce_loss=True, compute_sparsity_metrics=True, compute_variance_metrics=True,
         compute_featurewise_density_statistics=True, compute_l2_norms=True,
     )  # fmt: skip
@@ -192,7 +192,7 @@ def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path):
         sae, Batches(), tiny_model, ActivationScaler(), config, exclude_special_tokens=False
     )
     res = api.run(
-        "sae-eval", dictionary=path, store=str(store.root), n_tokens=16 * CTX, n_seqs=16, skip_bos=False
+        "sae-eval", dictionary=path, store=str(store.root), n_tokens=8 * CTX, n_seqs=8, skip_bos=False
     )
     ours = res.table[0]
     pairs = {
