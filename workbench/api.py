@@ -74,7 +74,7 @@ def make_config(name: str, cfg: Any = None, **overrides: Any) -> Any:
 
 
 def input_fingerprints(cfg: Any) -> dict[str, Any]:
-    """Identity of what a config points at: model weights, store run, text content."""
+    """Identity of what a config points at: model weights, store run, text content, dictionary files."""
     fields = dataclasses.asdict(cfg)
     out: dict[str, Any] = {}
     if fields.get("store"):
@@ -84,7 +84,20 @@ def input_fingerprints(cfg: Any) -> dict[str, Any]:
         out["weights"] = models.weights_hash(Path(target)) if Path(target).is_dir() else target
     if fields.get("data") and not fields.get("store"):
         out["data"] = data.fingerprint(fields["data"])
+    if fields.get("dictionary"):  # retraining into the same folder must not return stale results
+        out["dictionary"] = [_folder_fingerprint(p.strip()) for p in str(fields["dictionary"]).split(",") if p.strip()]
     return out
+
+
+def _folder_fingerprint(path: str) -> str:
+    """sha256 over a local folder's files (a dictionary: cfg.json + weights); the name itself otherwise."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        return path  # a pretrained release id: its name is its identity
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    return paths.sha256_json([[p.name, paths.sha256_file(p)] for p in files])
 
 
 def key_for(name: str, cfg: Any) -> str:
