@@ -167,9 +167,8 @@ def token_html(
             f'border-radius:3px;padding:1px 0;white-space:pre-wrap">{shown}</span>'
         )
     return (
-        '<div style="line-height:1.9;font-family:monospace;overflow-wrap:anywhere">'
-        + "".join(spans)
-        + "</div>"
+        '<div class="ctx" style="line-height:1.9;font-family:monospace;overflow-wrap:anywhere;'
+        'margin-bottom:0.4em">' + "".join(spans) + "</div>"
     )
 
 

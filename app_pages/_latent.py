@@ -34,8 +34,8 @@ def _logit_rows(pairs: list) -> list[dict]:
 
 
 def _contexts(ctxs: list[dict], vmax: float | None) -> None:
-    for c in ctxs:
-        st.html(ui.token_html(c["tokens"], c["acts"], vmax=vmax, mark=c.get("max_index")))
+    """All contexts in one HTML element (one element per context makes the page slow to draw)."""
+    st.html("".join(ui.token_html(c["tokens"], c["acts"], vmax=vmax, mark=c.get("max_index")) for c in ctxs))
 
 
 def _numbers(d: dict, res) -> None:

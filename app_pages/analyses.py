@@ -15,7 +15,10 @@ if not names:
     st.stop()
 
 # A result re-opened from Home (session state) or linked by `?key=` selects its analysis.
-open_key = st.session_state.pop("open_key", None) or ui.param("key", None)
+open_key = st.session_state.pop("open_key", None)
+if "key" in st.query_params:  # consumed once, so the result picker below stays free
+    open_key = open_key or st.query_params["key"]
+    del st.query_params["key"]
 if open_key:
     with ui.guard(f"cannot open cached result {open_key[:12]}"):
         ui.result(open_key)

@@ -46,11 +46,12 @@ with guard("cannot list cached results"):
             "No cached results"
             + (f" matching '{search}'." if search else " yet: run one on the Analyses page.")
         )
-    for row in rows[:50]:
-        cols = st.columns([2, 3, 2, 1, 1])
+    for row in rows[:25]:
+        cols = st.columns([2, 4, 3, 1], vertical_alignment="center")
         cols[0].markdown(f"**{row['analysis']}**")
         cols[1].caption(row["model"] or row["config"].get("store", ""))
-        cols[2].caption(f"{_when(row['created'])} · {row['duration'] or 0:.1f} s")
-        cols[3].code(row["key"][:10], language=None)
-        if cols[4].button("Open", key=f"open-{row['key']}", on_click=_open, args=(row["key"],)):
+        cols[2].caption(f"{_when(row['created'])} · {row['duration'] or 0:.1f} s · `{row['key'][:10]}`")
+        if cols[3].button("Open", key=f"open-{row['key']}", on_click=_open, args=(row["key"],)):
             st.switch_page("app_pages/analyses.py")
+    if len(rows) > 25:
+        st.caption(f"{len(rows) - 25} more: narrow the search")

@@ -16,6 +16,13 @@ def lens(model_key: str, text: str, layer: int, dictionary: str) -> dict:
     return api.prompt_lens(ui.model(model_key), text, layer, dictionary=dictionary)
 
 
+def _model_of(path: str) -> str | None:
+    try:
+        return api.dictionary_info(path)["model"]
+    except Exception:  # noqa: BLE001 - unreadable folders are simply not matched
+        return None
+
+
 st.title("Prompt lens")
 with st.sidebar:
     model_key = st.text_input(
@@ -27,9 +34,11 @@ with st.sidebar:
     layer = int(st.number_input("Layer", min_value=0, value=int(ui.param("layer", 0)), step=1))
     mode = st.radio("Colour tokens by", ["MLP neuron", "SAE latent", "residual norm"], key="mode")
     known = ui.dictionaries()
+    # offer the first dictionary trained on this model (others would not fit its activations)
+    fits = [d for d in known if _model_of(d) == model_key.strip()]
     dictionary = st.text_input(
         "Dictionary folder (SAE / transcoder)",
-        value=ui.param("dictionary", known[0] if known else ""),
+        value=ui.param("dictionary", fits[0] if fits else ""),
         help="SAELens-format folder (cfg.json + safetensors); trained ones: " + (", ".join(known) or "none"),
         key="dictionary",
     )
@@ -37,7 +46,13 @@ text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90, key
 
 view = None
 with ui.guard("cannot run the prompt lens"):
-    view = lens(model_key.strip(), text, layer, dictionary.strip())
+    try:
+        view = lens(model_key.strip(), text, layer, dictionary.strip())
+    except Exception as err:
+        if not dictionary.strip():
+            raise
+        st.error(f"dictionary not used: {ui.message(err)}")  # still show neurons and predictions
+        view = lens(model_key.strip(), text, layer, "")
 if view is None:
     st.stop()
 

@@ -235,9 +235,11 @@ def test_neuron_explorer_shows_dashboard_and_jumps_to_neighbours(home):
     assert metrics["density"] == f"{float(res.density[3]):.3%}"
     assert metrics["max activation"] == f"{float(res.max_act[3]):.4g}"
     top = res.latent(3)["top"]
-    assert len(at.html) >= len(top) > 0
-    assert spans(at.html[0].value) == [t.replace("\n", "↵") for t in top[0]["tokens"]]
-    assert [v for _, v in titles(at.html[0].value)] == pytest.approx(top[0]["acts"], rel=1e-3, abs=1e-6)
+    assert len(top) > 0
+    blocks = at.html[0].value.split('<div class="ctx"')[1:]  # one block per context, in order
+    assert len(blocks) == len(top)
+    assert spans(blocks[0]) == [t.replace("\n", "↵") for t in top[0]["tokens"]]
+    assert [v for _, v in titles(blocks[0])] == pytest.approx(top[0]["acts"], rel=1e-3, abs=1e-6)
     assert len(charts(at)) == 1  # the activation histogram
     j = res.latent(3)["neighbors"][0][0]
     at.button(key=f"nb-neuron-3-{j}").click().run()

@@ -159,6 +159,7 @@ def dictionary_info(path: str | Path) -> dict[str, Any]:
         "d_sae": cfg.get("d_sae"),
         "d_in": cfg.get("d_in"),
         "architecture": cfg.get("architecture", "standard"),
+        "model": meta.get("model_name"),
     }
 
 
