@@ -214,3 +214,22 @@ def test_large_preset_is_a_valid_config():
     assert preset["analysis"] == "sparsity"
     cfg = analysis.get("sparsity").make_config(**preset["config"])
     assert cfg.k_values(1536)[-1] == 1536 and cfg.n_tokens > 4096
+
+
+def test_reads_a_given_store_and_names_missing_sites(tiny_model_dir, wikitext):
+    from workbench.store import StoreError
+
+    common = {
+        "model": str(tiny_model_dir),
+        "data": wikitext,
+        "n_tokens": 64,
+        "ctx_len": 32,
+        "progress": False,
+    }
+    post_only = api.capture(sites=["blocks.*.mlp.hook_post"], **common)
+    result = api.run("sparsity", store=str(post_only.root), ppl_p=0, topk_ks="")
+    assert set(result.rates) == {"nonzero", "eps"} and result.layers == [0, 1]
+    assert "ratio_pre_pos" not in result.summary()[0]
+    resid = api.capture(sites=["blocks.*.hook_resid_post"], **common)
+    with pytest.raises(StoreError, match="no blocks.\\*.mlp.hook_post"):
+        api.run("sparsity", store=str(resid.root), ppl_p=0, topk_ks="")
