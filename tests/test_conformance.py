@@ -1,0 +1,99 @@
+"""Every registered analysis runs on a tiny model, round-trips through the cache and renders figures.
+
+A new analysis must add an example here (the first test fails until it does).
+"""
+
+import json
+from types import SimpleNamespace
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from workbench import analysis, api
+from workbench.context import POOL
+
+SITE = "blocks.1.mlp.hook_post"
+
+EXAMPLES = {
+    "activation-stats": lambda env: {"store": env.store},
+    "dashboards": lambda env: {
+        "store": env.store,
+        "site": SITE,
+        "model": env.model,
+        "n_top": 4,
+        "latents": 16,
+    },
+    "sparsity": lambda env: {
+        "store": env.store,
+        "model": env.model,
+        "data": env.data,
+        "held_tokens": 128,
+        "cett_tokens": 64,
+        "search_iters": 4,
+        "topk_ks": "0.1,1",
+        "batch_size": 2,
+        "ctx_len": 32,
+    },
+    "train-sae": lambda env: {
+        "store": env.store,
+        "site": SITE,
+        "d_sae": 64,
+        "k": 4,
+        "steps": 10,
+        "batch_size": 64,
+        "eval_tokens": 128,
+        "checkpoint_every": 5,
+    },
+    "sae-eval": lambda env: {
+        "dictionary": env.dictionary(),
+        "store": env.store,
+        "model": env.model,
+        "n_tokens": 256,
+        "n_seqs": 2,
+        "batch_size": 2,
+    },
+}
+
+
+@pytest.fixture
+def env(tiny_model, tiny_model_dir, wikitext):
+    POOL.put(tiny_model)
+    store = api.capture(
+        model=str(tiny_model_dir),
+        data=wikitext,
+        n_tokens=256,
+        ctx_len=32,
+        batch_size=2,
+        sites=(SITE, "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"),
+        progress=False,
+    )
+    box = SimpleNamespace(store=str(store.root), model=str(tiny_model_dir), data=wikitext)
+    box.dictionary = lambda: api.run("train-sae", **EXAMPLES["train-sae"](box)).dictionary
+    return box
+
+
+def test_every_registered_analysis_has_an_example():
+    assert set(EXAMPLES) == {s.name for s in analysis.all_specs()}
+
+
+def _same_payload(a, b) -> None:
+    (plain_a, arrays_a), (plain_b, arrays_b) = a.to_payload(), b.to_payload()
+    assert json.loads(json.dumps(plain_a, default=str)) == json.loads(json.dumps(plain_b, default=str))
+    assert arrays_a.keys() == arrays_b.keys()
+    for k in arrays_a:
+        assert torch.equal(arrays_a[k], arrays_b[k]), k
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_analysis_conforms(name, env):
+    result = api.run(name, **EXAMPLES[name](env))
+    loaded = api.load(result.cache_key)
+    assert type(loaded) is type(result)
+    _same_payload(result, loaded)
+    figures = loaded.figures()
+    assert figures and all(isinstance(f, go.Figure) for f in figures.values())
+    for fig in figures.values():
+        fig.to_json()  # renders: every trace serialisable
+    assert isinstance(loaded.summary(), list) and loaded.summary()
+    assert api.run(name, **EXAMPLES[name](env)).cache_key == result.cache_key  # a cache hit
