@@ -97,3 +97,18 @@ def test_analysis_conforms(name, env):
         fig.to_json()  # renders: every trace serialisable
     assert isinstance(loaded.summary(), list) and loaded.summary()
     assert api.run(name, **EXAMPLES[name](env)).cache_key == result.cache_key  # a cache hit
+
+
+def test_cli_exports_dashboards_as_neuronpedia_json(env, tmp_path):
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+
+    result = api.run("dashboards", **EXAMPLES["dashboards"](env))
+    out = CliRunner().invoke(cli, ["export", result.cache_key[:12], str(tmp_path / "np.json")])
+    assert out.exit_code == 0, out.output
+    exported = json.loads((tmp_path / "np.json").read_text())
+    assert exported  # Neuronpedia batch: one entry per latent, content checked in test_dashboards.py
+    stats = api.run("activation-stats", store=env.store)
+    refused = CliRunner().invoke(cli, ["export", stats.cache_key[:12], str(tmp_path / "x.json")])
+    assert refused.exit_code == 2 and "has no export format" in refused.output

@@ -159,10 +159,26 @@ def _write_html(result, path: Path) -> None:
 @_guard
 def show_cmd(key: str, html: str | None) -> None:
     """Show a cached result by key (a unique prefix is enough)."""
-    matches = [r["key"] for r in api.cached() if r["key"].startswith(key)]
+    _report(api.load(_unique_key(key)), html)
+
+
+@cli.command("export")
+@click.argument("key")
+@click.argument("path")
+@_guard
+def export_cmd(key: str, path: str) -> None:
+    """Export a cached result in its interchange format (dashboards: Neuronpedia/SAEDashboard JSON)."""
+    result = api.load(_unique_key(key))
+    if not hasattr(result, "export"):
+        raise ValueError(f"{type(result).__name__} has no export format")
+    click.echo(f"written {result.export(path)}")
+
+
+def _unique_key(prefix: str) -> str:
+    matches = [r["key"] for r in api.cached() if r["key"].startswith(prefix)]
     if len(matches) != 1:
-        raise KeyError(f"{len(matches)} cached results match '{key}'")
-    _report(api.load(matches[0]), html)
+        raise KeyError(f"{len(matches)} cached results match '{prefix}'")
+    return matches[0]
 
 
 def _capture_command() -> click.Command:

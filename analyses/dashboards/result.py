@@ -159,6 +159,10 @@ class DashboardResult(Result):
             ),
         }
 
+    def export(self, path: str | Path) -> Path:
+        """`workbench export KEY PATH`: Neuronpedia/SAEDashboard-compatible JSON of every latent."""
+        return export_neuronpedia(self, path)
+
     def to_neuronpedia(self, i: int) -> dict[str, Any]:
         """Latent i as one SAEDashboard/Neuronpedia feature (field names of their dataclasses)."""
         d = self.latent(i)
