@@ -46,6 +46,7 @@ text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90, key
 
 view = None
 with ui.guard("cannot run the prompt lens"):
+    ui.model(model_key.strip())  # an unknown model fails here, once
     try:
         view = lens(model_key.strip(), text, layer, dictionary.strip())
     except Exception as err:
