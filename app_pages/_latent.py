@@ -69,9 +69,9 @@ def show(res, i: int, unit: str, on_neighbour: Callable[[int], None]) -> None:
         st.plotly_chart(histogram(d["hist"], i, unit), key=f"hist-{unit}-{i}", width="stretch")
         up, down = st.columns(2)
         up.caption("promoted tokens (output-logit effect)")
-        up.dataframe(_logit_rows(d["pos_logits"]), hide_index=True, width="stretch")
+        up.table(_logit_rows(d["pos_logits"]), hide_index=True, border="horizontal")
         down.caption("suppressed tokens")
-        down.dataframe(_logit_rows(d["neg_logits"]), hide_index=True, width="stretch")
+        down.table(_logit_rows(d["neg_logits"]), hide_index=True, border="horizontal")
         if getattr(res, "logit_note", ""):
             st.caption(res.logit_note)
     st.subheader("Neighbours")

@@ -25,13 +25,13 @@ left, right = st.columns(2)
 with left:
     st.subheader("Models")
     with guard("cannot list models"):
-        st.dataframe(api.list_models(), hide_index=True, width="stretch")
+        st.table(api.list_models(), hide_index=True, border="horizontal")
 with right:
     st.subheader("Activation stores")
     with guard("cannot list stores"):
         stores = [s | {"created": _when(s["created"])} for s in api.list_stores()]
         if stores:
-            st.dataframe(stores, hide_index=True, width="stretch")
+            st.table(stores, hide_index=True, border="horizontal")
         else:
             st.info("No activation stores yet: `workbench capture --help`.")
 

@@ -80,7 +80,7 @@ pos = st.selectbox(
 cols = st.columns(3)
 with cols[0]:
     st.subheader("Top neurons")
-    st.dataframe(
+    st.table(
         [{"neuron": i, "activation": a} for i, a in view["top_neurons"][pos]],
         hide_index=True,
         width="stretch",
@@ -90,11 +90,11 @@ with cols[1]:
     if view["top_latents"] is None:
         st.caption("No dictionary given.")
     else:
-        st.dataframe(
+        st.table(
             [{"latent": i, "activation": a} for i, a in view["top_latents"][pos]],
             hide_index=True,
             width="stretch",
         )
 with cols[2]:
     st.subheader("Next-token predictions")
-    st.dataframe(view["predictions"][pos], hide_index=True, width="stretch")
+    st.table(view["predictions"][pos], hide_index=True, border="horizontal")

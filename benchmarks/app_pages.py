@@ -31,8 +31,8 @@ from app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve  # noqa: E40
 READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 NO_SKELETON = "!document.querySelector('[data-testid=\"stSkeleton\"]')"
 PAGES = {  # url path -> (sidebar title, selectors that must be visible)
-    "": ("Home", ['[data-testid="stDataFrame"]', "text=Cached results"]),
-    "prompt_lens": ("Prompt lens", ["span.tok", '[data-testid="stDataFrame"]']),
+    "": ("Home", ['[data-testid="stTable"]', "text=Cached results"]),
+    "prompt_lens": ("Prompt lens", ["span.tok", '[data-testid="stTable"]']),
     "neuron_explorer": ("Neuron explorer", ["span.tok", ".js-plotly-plot"]),
     "feature_explorer": ("Feature explorer", ["span.tok", ".js-plotly-plot"]),
     "analyses": ("Analyses", [".js-plotly-plot", '[data-testid="stDataFrame"]']),

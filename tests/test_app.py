@@ -108,7 +108,7 @@ def titles(html: str) -> list[tuple[int, float]]:
 def test_home_lists_models_stores_and_results(home):
     at = app()
     assert [s.value for s in at.subheader] == ["Models", "Activation stores", "Cached results"]
-    models, stores = at.dataframe[0].value, at.dataframe[1].value
+    models, stores = at.table[0].value, at.table[1].value
     assert "smollm2-135m" in set(models["key"])
     assert list(stores["path"]) == [home["store"]]
     assert stores["rows"][0] == 384
@@ -187,9 +187,9 @@ def test_prompt_lens_values_match_the_model(home, tiny_model):
     assert [v for _, v in shown] == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-6)
     # next-token table at the last token: probabilities of the model's own softmax
     probs = tiny_model(tiny_model.to_tokens(TEXT))[0, -1].softmax(-1)
-    table = at.dataframe[-1].value
+    table = at.table[-1].value
     assert table["prob"].tolist() == pytest.approx(probs.topk(10).values.tolist(), abs=1e-5)
-    top = at.dataframe[0].value  # top neurons at the chosen token
+    top = at.table[0].value  # top neurons at the chosen token
     assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, -1].topk(10).indices.tolist()
 
 
@@ -204,7 +204,7 @@ def test_prompt_lens_colours_by_sae_latent_and_residual_norm(home, tiny_model):
     assert [v for _, v in titles(at.html[0].value)] == pytest.approx(
         latents[:, 7].tolist(), rel=1e-3, abs=1e-5
     )
-    assert at.dataframe[1].value["latent"].tolist()[0] == int(latents[-1].argmax())
+    assert at.table[1].value["latent"].tolist()[0] == int(latents[-1].argmax())
     at.radio(key="mode").set_value("residual norm").run()
     norms = [v for _, v in titles(at.html[0].value)]
     assert norms == pytest.approx(resid.norm(dim=-1).tolist(), rel=1e-3)
