@@ -90,6 +90,8 @@ class TrainSAEConfig:
     """Tokens to capture when no store is given."""
     ctx_len: int = 128
     """Context length of the capture when no store is given."""
+    capture_dtype: str = "float32"
+    """Storage dtype of the capture when no store is given (float16 halves disk and reads)."""
 
 
 @dataclass
@@ -174,7 +176,12 @@ def open_store(cfg: TrainSAEConfig, ctx: Context) -> ActivationStore:
     sites = (site, target) if target else (site,)
     return ctx.capture(
         CaptureConfig(
-            model=cfg.model, sites=sites, data=cfg.data, n_tokens=cfg.capture_tokens, ctx_len=cfg.ctx_len
+            model=cfg.model,
+            sites=sites,
+            data=cfg.data,
+            n_tokens=cfg.capture_tokens,
+            ctx_len=cfg.ctx_len,
+            dtype=cfg.capture_dtype,
         )
     )
 
