@@ -39,12 +39,13 @@ def keep_mask(store: ActivationStore, skip_bos: bool) -> torch.Tensor:
     return pos != 0 if skip_bos else torch.ones_like(pos, dtype=torch.bool)
 
 
-def _count_site(store: ActivationStore, site: str, keep: torch.Tensor, fires) -> torch.Tensor:
-    """Sum over kept rows of `fires(acts)` ([rows, d_mlp] bool) -> [d_mlp] int64 counts."""
-    counts = torch.zeros(store.shape(site)[-1], dtype=torch.int64)
+def _count_site(store: ActivationStore, site: str, keep: torch.Tensor, tests: list) -> list[torch.Tensor]:
+    """For each predicate (acts [rows, d_mlp] -> bool), its per-neuron count over kept rows: [d_mlp] int64."""
+    counts = [torch.zeros(store.shape(site)[-1], dtype=torch.int64) for _ in tests]
     for i, rec in enumerate(store.records(site)):
         acts = store.shard(site, i)[keep[rec.row_start : rec.row_end]]  # [rows, d_mlp]
-        counts += fires(acts).sum(0)
+        for count, fires in zip(counts, tests):
+            count += fires(acts).sum(0)
     return counts
 
 
@@ -63,10 +64,11 @@ def firing_rates(
     counts: dict[str, list[torch.Tensor]] = {d: [] for d in DEFINITIONS if d != "pre_pos" or has_pre}
     for layer in progress(layers, desc="sparsity: firing rates"):
         post = POST.format(layer)
-        counts["nonzero"].append(_count_site(store, post, keep, lambda a: a != 0))
-        counts["eps"].append(_count_site(store, post, keep, lambda a: a.abs() > eps))
+        nonzero, above = _count_site(store, post, keep, [lambda a: a != 0, lambda a: a.abs() > eps])
+        counts["nonzero"].append(nonzero)
+        counts["eps"].append(above)
         if has_pre:
-            counts["pre_pos"].append(_count_site(store, PRE.format(layer), keep, lambda a: a > 0))
+            counts["pre_pos"] += _count_site(store, PRE.format(layer), keep, [lambda a: a > 0])
     rates = {d: (torch.stack(c).double() / n_tokens).float() for d, c in counts.items()}
     return rates, n_tokens
 
