@@ -46,8 +46,9 @@ def _widget(f: dict, value):
 
 
 fields = api.config_fields(name)
-with st.form(f"form:{name}"):
-    st.subheader("Options")
+cached = api.cached(name)
+# With a cached result the form folds away so the figures are in view; it opens when there is none.
+with st.expander("Options · Run", expanded=not cached), st.form(f"form:{name}", border=False):
     cols = st.columns(2)
     values = {}
     for i, f in enumerate(fields):
@@ -74,7 +75,6 @@ elif job is not None and job.status == "done":
     st.session_state["result"] = job.key
     st.session_state.pop(f"job:{name}")
 
-st.divider()
 cached = api.cached(name)
 if not cached:
     st.info(f"No cached {name} results yet: set the options above and press Run.")
