@@ -57,7 +57,7 @@ class SparsityResult(Result):
         pplp = self.pplp.get("layer_ratio")
         rows = []
         for i, layer in enumerate(self.layers):
-            row: dict[str, Any] = {"layer": layer}
+            row: dict[str, Any] = {"layer": str(layer)}  # one type per column (Arrow tables)
             row |= {f"ratio_{d}": self.rates[d][i].double().mean().item() for d in defs}
             if pplp:
                 row["ratio_pplp"] = pplp[i]
