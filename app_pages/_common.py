@@ -177,7 +177,7 @@ def show_result(key: str) -> None:
     res = result(key)
     rows = res.summary()
     if rows:
-        st.dataframe(rows, hide_index=True, width="stretch")
+        st.dataframe(rows, hide_index=True, width="stretch", height=min(35 * len(rows) + 38, 300))
     cols = st.columns(2)
     for i, fig in enumerate(figures(key).values()):
         with cols[i % 2]:

@@ -90,8 +90,9 @@ with cols[1]:
     if view["top_latents"] is None:
         st.caption("No dictionary given.")
     else:
+        st.caption(f"of the dictionary at {view['latent_site']}")
         st.table(
-            [{"latent": i, "activation": a} for i, a in view["top_latents"][pos]],
+            [{"latent": i, "activation": a} for i, a in view["top_latents"][pos] if a > 0],
             hide_index=True,
             width="stretch",
         )
