@@ -52,6 +52,10 @@ class TrainSAEConfig:
     """L1 weight (standard, transcoder); inputs are scaled to E‖x‖ = √d_in when normalize is on."""
     l0_coefficient: float = 1.0
     """L0 weight (jumprelu, the paper's λ·L0 with a rectangle-kernel STE)."""
+    jumprelu_sparsity: str = "step"
+    """JumpReLU sparsity loss: step (paper λ·L0), tanh (Anthropic) or quadratic (λ·(L0 − target_l0)², needs target_l0)."""
+    target_l0: float = 0.0
+    """Target L0 of the quadratic JumpReLU sparsity loss."""
     aux_coefficient: float = 1 / 32
     """AuxK dead-latent loss weight (topk, batchtopk, top_afa)."""
     afa_coefficient: float = 1 / 32
@@ -253,6 +257,8 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
         l1_coefficient=cfg.l1_coefficient,
         l0_coefficient=cfg.l0_coefficient,
         aux_coefficient=cfg.aux_coefficient,
+        jumprelu_sparsity=cfg.jumprelu_sparsity,
+        target_l0=cfg.target_l0,
         afa_coefficient=cfg.afa_coefficient,
         sparsity_warm_up_steps=cfg.sparsity_warm_up_steps,
     )

@@ -51,6 +51,8 @@ class ArchSpec:
     afa_coefficient: float = 1 / 32
     sparsity_warm_up_steps: int = 0
     jumprelu_bandwidth: float = 0.05
+    jumprelu_sparsity: str = "step"  # step: paper λ·L0; quadratic: λ·2/L0*·(L0 − L0*)² (Gemma Scope 2)
+    target_l0: float = 0.0
     jumprelu_init_threshold: float = 0.01
 
 
@@ -66,12 +68,20 @@ def training_config(spec: ArchSpec, metadata: dict | None = None) -> TrainingSAE
     if spec.arch == "batchtopk":
         return BatchTopKTrainingSAEConfig(**common, **topk)
     if spec.arch == "jumprelu":
+        if spec.jumprelu_sparsity not in ("step", "tanh", "quadratic"):
+            raise ArchError(
+                f"jumprelu_sparsity must be step, tanh or quadratic, not '{spec.jumprelu_sparsity}'"
+            )
+        if spec.jumprelu_sparsity == "quadratic" and spec.target_l0 <= 0:
+            raise ArchError("the quadratic JumpReLU sparsity loss needs target_l0 > 0")
         return JumpReLUTrainingSAEConfig(
             **common,
             l0_coefficient=spec.l0_coefficient,
             l0_warm_up_steps=spec.sparsity_warm_up_steps,
             jumprelu_bandwidth=spec.jumprelu_bandwidth,
             jumprelu_init_threshold=spec.jumprelu_init_threshold,
+            jumprelu_sparsity_loss_mode=spec.jumprelu_sparsity,
+            target_l0=spec.target_l0 or None,
         )
     if spec.arch == "mp":
         # T = k greedy steps (paper / overcomplete); no early stop on the residual norm

@@ -192,6 +192,10 @@ def test_clear_errors(tmp_path):
         build(ArchSpec("gated2", 8, 16))
     with pytest.raises(ArchError, match="target site"):
         build(ArchSpec("transcoder", 8, 16))
+    with pytest.raises(ArchError, match="needs target_l0"):
+        build(ArchSpec("jumprelu", 8, 16, jumprelu_sparsity="quadratic"))
+    with pytest.raises(ArchError, match="step, tanh or quadratic"):
+        build(ArchSpec("jumprelu", 8, 16, jumprelu_sparsity="l0"))
     with pytest.raises(DictionaryError, match="neither a dictionary folder nor a known SAELens release"):
         load_dictionary("no-such-release/foo")
     (tmp_path / "empty").mkdir()
