@@ -77,14 +77,18 @@ class SparsityResult(Result):
             figs["PPL ratio vs CETT"] = self._pplp_figure()
         return figs
 
+    def _label(self, definition: str) -> str:
+        return f"|a| > ε = {self.eps:g}" if definition == "eps" else LABELS[definition]
+
     def _ratio_figure(self):
         import plotly.graph_objects as go
 
         fig = go.Figure()
-        for d, label in LABELS.items():
+        for d in LABELS:
             if d in self.rates:
-                label = label.replace("ε", f"ε={self.eps:g}")
-                fig.add_scatter(x=self.layers, y=self.layer_ratio(d), mode="lines+markers", name=label)
+                fig.add_scatter(
+                    x=self.layers, y=self.layer_ratio(d), mode="lines+markers", name=self._label(d)
+                )
         if self.pplp:
             name = f"PPL-{self.pplp['p']:g}% (CETT={self.pplp['cett']:.3g}, held text)"
             fig.add_scatter(x=self.layers, y=self.pplp["layer_ratio"], mode="lines+markers", name=name)
@@ -99,10 +103,10 @@ class SparsityResult(Result):
         import plotly.graph_objects as go
 
         fig = go.Figure()
-        for d, label in LABELS.items():
+        for d in LABELS:
             if d in self.rates:
                 rate = self.rates[d].flatten().tolist()
-                fig.add_histogram(x=rate, name=label.replace("ε", f"ε={self.eps:g}"), nbinsx=50, opacity=0.6)
+                fig.add_histogram(x=rate, name=self._label(d), nbinsx=50, opacity=0.6)
         fig.update_layout(
             barmode="overlay",
             yaxis_type="log",
@@ -121,7 +125,7 @@ class SparsityResult(Result):
         fig.add_bar(x=self.layers, y=on, name="always on (fires on every token)")
         fig.update_layout(
             barmode="group",
-            title=f"dead and always-on neurons, firing = {LABELS[self.fire_def]}",
+            title=f"dead and always-on neurons, firing = {self._label(self.fire_def)}",
             xaxis_title="layer",
             yaxis_title="neurons",
         )
