@@ -111,3 +111,11 @@ def test_preset_values_and_explicit_options(store, tmp_path):
     assert wb.cached()[0]["config"]["fire_threshold"] == 0.25 and wb.cached()[0]["config"]["store"] == str(
         store.root
     )
+
+
+def test_show_json_prints_plain_fields(store):
+    result = wb.run("activation-stats", store=str(store.root))
+    out = CliRunner().invoke(cli, ["show", result.cache_key[:12], "--json"])
+    assert out.exit_code == 0, out.output
+    fields = json.loads(out.stdout)
+    assert fields["n_tokens"] == result.n_tokens and fields["table"][0]["site"] == result.table[0]["site"]

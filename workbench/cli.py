@@ -147,7 +147,7 @@ def _report(result, html: str | None) -> None:
 
 def _write_html(result, path: Path) -> None:
     parts = [
-        fig.to_html(full_html=False, include_plotlyjs="cdn" if i else True)
+        fig.to_html(full_html=False, include_plotlyjs=not i, default_height=480)
         for i, fig in enumerate(result.figures().values())
     ]
     path.write_text("<html><body>" + "\n".join(parts) + "</body></html>")
@@ -156,10 +156,17 @@ def _write_html(result, path: Path) -> None:
 @cli.command("show")
 @click.argument("key")
 @click.option("--html", default=None, help="Write the result's figures to this HTML file.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print every plain (non-tensor) field of the result as JSON."
+)
 @_guard
-def show_cmd(key: str, html: str | None) -> None:
+def show_cmd(key: str, html: str | None, as_json: bool) -> None:
     """Show a cached result by key (a unique prefix is enough)."""
-    _report(api.load(_unique_key(key)), html)
+    result = api.load(_unique_key(key))
+    if as_json:
+        click.echo(json.dumps(result.to_payload()[0]["fields"], default=str, indent=2))
+    else:
+        _report(result, html)
 
 
 @cli.command("export")
