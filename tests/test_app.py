@@ -290,3 +290,31 @@ def test_feature_explorer_bad_dictionary_shows_error(home):
     at.text_input(key="dictionary_path").set_value("/no/such/dictionary").run()
     assert at.error and "no dictionary folder" in at.error[0].value
     assert not at.exception
+
+
+# --- the lens helpers behind the pages -------------------------------------------------
+def test_config_fields_and_lens_errors(tiny_model, tmp_path):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from workbench import api
+
+    fields = {f["name"]: f for f in api.config_fields("activation-stats")}
+    assert (fields["n_tokens"]["kind"], fields["fire_threshold"]["kind"], fields["skip_bos"]["kind"]) == (
+        "int",
+        "float",
+        "bool",
+    )
+    assert fields["store"]["doc"].startswith("Path of an existing activation store")
+    assert api.parse_form("activation-stats", {"n_tokens": 64}) == {"n_tokens": 64}
+    with pytest.raises(api.LensError, match="no option"):
+        api.parse_form("activation-stats", {"nope": 1})
+    with pytest.raises(api.LensError, match="type some text"):
+        api.prompt_lens(tiny_model, "   ", 0)
+    narrow = StandardSAE(
+        StandardSAEConfig(d_in=32, d_sae=8, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"))
+    )
+    narrow.save_model(str(tmp_path / "narrow"))
+    with pytest.raises(api.LensError, match="does not match"):
+        api.prompt_lens(tiny_model, TEXT, 0, dictionary=str(tmp_path / "narrow"))
+    assert api.dictionary_info(tmp_path / "narrow")["site"] == "blocks.0.hook_resid_post"
