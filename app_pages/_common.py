@@ -59,6 +59,12 @@ def figures(key: str) -> dict:
     return result(key).figures()
 
 
+@st.cache_resource(max_entries=4, show_spinner=False)
+def latent_table(key: str) -> list[dict]:
+    """A dashboards result's one-row-per-latent table, built once per result."""
+    return result(key).table()
+
+
 def cached_key(name: str, **overrides: Any) -> str | None:
     """The cache key of `name` with these options if that result is already computed, else None."""
     if name not in analysis_names():

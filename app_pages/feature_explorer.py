@@ -14,6 +14,13 @@ def _goto(j: int) -> None:
     st.session_state["latent"] = j
 
 
+def _picked(ids: list[int]) -> None:
+    """A row clicked in the latent list opens that latent."""
+    rows = st.session_state["latent_table"].selection.rows
+    if rows:
+        st.session_state["latent"] = ids[rows[0]]
+
+
 with st.sidebar:
     known = ui.dictionaries()
     picked = st.selectbox("Dictionary", known, format_func=lambda p: p.rstrip("/").rsplit("/", 1)[-1])
@@ -70,13 +77,22 @@ order = cols[1].selectbox("Sort by", ["density", "max_act", "latent"])
 hide_dead = cols[2].checkbox("hide dead", value=True)
 rows = [
     r
-    for r in res.table()
+    for r in ui.latent_table(key)
     if (not hide_dead or r["density"] > 0)
     and (not search or search.lower() in (r["top_tokens"] + " " + r["top_logits"]).lower())
 ]
 rows.sort(key=lambda r: r[order], reverse=order != "latent")
-st.dataframe(rows[:500], hide_index=True, width="stretch", height=260)
-st.caption(f"{len(rows)} of {res.n_latents} latents shown")
+shown = rows[:500]
+st.dataframe(
+    shown,
+    hide_index=True,
+    width="stretch",
+    height=260,
+    key="latent_table",
+    on_select=lambda ids=[r["latent"] for r in shown]: _picked(ids),
+    selection_mode="single-row",
+)
+st.caption(f"{len(rows)} of {res.n_latents} latents shown · click a row to open it")
 
 if "latent" not in st.session_state:
     st.session_state["latent"] = int(ui.param("latent", rows[0]["latent"] if rows else 0))

@@ -31,7 +31,7 @@ from app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve  # noqa: E40
 READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 NO_SKELETON = "!document.querySelector('[data-testid=\"stSkeleton\"]')"
 PAGES = {  # url path -> (sidebar title, selectors that must be visible)
-    "": ("Home", ['[data-testid="stTable"]', "text=Cached results"]),
+    "": ("Home", ['[data-testid="stTable"]', 'h3:has-text("Cached results")']),
     "prompt_lens": ("Prompt lens", ["span.tok", '[data-testid="stTable"]']),
     "neuron_explorer": ("Neuron explorer", ["span.tok", ".js-plotly-plot"]),
     "feature_explorer": ("Feature explorer", ["span.tok", ".js-plotly-plot"]),

@@ -76,7 +76,7 @@ def go(page, title: str) -> None:
 
 def test_home_page(home, browser_page):
     page = browser_page
-    page.get_by_text("Cached results").wait_for(timeout=WAIT)
+    page.get_by_role("heading", name="Cached results").wait_for(timeout=WAIT)
     settle(page)
     assert page.get_by_role("button", name="Open").count() == len(home["keys"])
     assert page.get_by_text("train-sae", exact=True).count() == 1
@@ -152,3 +152,12 @@ def test_feature_explorer_shows_latents(home, browser_page):
     assert page.get_by_test_id("stDataFrame").count() >= 1
     assert page.locator(".js-plotly-plot").count() == 1
     shot(page, "feature_explorer")
+    from workbench import api
+
+    live = [r for r in api.load(home["keys"]["latent-dashboards"]).table() if r["density"] > 0]
+    second = sorted(live, key=lambda r: r["density"], reverse=True)[1]["latent"]
+    grid = page.get_by_test_id("stDataFrame").first.bounding_box()
+    page.mouse.click(grid["x"] + 12, grid["y"] + 35 + 35 + 17)  # row marker of the second row
+    page.wait_for_function(
+        f"document.querySelector('input[aria-label^=\"Latent\"]').value === '{second}'", timeout=WAIT
+    )
