@@ -26,7 +26,7 @@ RECIPES = {
     "standard": (400, 3e-3, {"l1_coefficient": 0.3}),
     "topk": (400, 3e-3, {"k": 3}),
     "batchtopk": (400, 3e-3, {"k": 3}),
-    "jumprelu": (400, 3e-3, {"l0_coefficient": 0.1}),
+    "jumprelu": (400, 3e-3, {"l0_coefficient": 0.2}),
     "mp": (400, 3e-3, {"k": 3}),
     "transcoder": (400, 3e-3, {"l1_coefficient": 0.3}),
     "top_afa": (600, 1e-2, {"afa_coefficient": 1.0}),
