@@ -318,3 +318,21 @@ def test_config_fields_and_lens_errors(tiny_model, tmp_path):
     with pytest.raises(api.LensError, match="does not match"):
         api.prompt_lens(tiny_model, TEXT, 0, dictionary=str(tmp_path / "narrow"))
     assert api.dictionary_info(tmp_path / "narrow")["site"] == "blocks.0.hook_resid_post"
+
+
+def test_background_job_reports_progress_and_errors(home):
+    """The thread behind the Run button: progress callbacks arrive, failures become messages."""
+    from app_pages import _common as ui
+
+    jid = ui.start_job("activation-stats", {"store": home["store"], "fire_threshold": 0.125})
+    assert ui.start_job("activation-stats", {"store": home["store"], "fire_threshold": 0.125}) == jid
+    deadline = time.time() + 120
+    while ui.job(jid).status == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    job = ui.job(jid)
+    assert job.status == "done" and job.key
+    assert job.total == 4 and job.done == 4 and job.fraction == 1.0  # 2 layers x 2 sites, one shard each
+    bad = ui.start_job("activation-stats", {"store": str(home["root"] / "nowhere")})
+    while ui.job(bad).status == "running" and time.time() < deadline:
+        time.sleep(0.2)
+    assert ui.job(bad).status == "failed" and "no activation store" in ui.job(bad).error
