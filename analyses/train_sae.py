@@ -234,6 +234,35 @@ def evaluate(folder: str, store: ActivationStore, sites: list[str], n_rows: int,
     }
 
 
+def arch_spec(cfg: TrainSAEConfig, d_in: int, d_out: int) -> ArchSpec:
+    return ArchSpec(
+        arch=cfg.arch,
+        d_in=d_in,
+        d_sae=cfg.d_sae or cfg.expansion * d_in,
+        d_out=d_out,
+        k=cfg.k,
+        l1_coefficient=cfg.l1_coefficient,
+        l0_coefficient=cfg.l0_coefficient,
+        aux_coefficient=cfg.aux_coefficient,
+        jumprelu_sparsity=cfg.jumprelu_sparsity,
+        target_l0=cfg.target_l0,
+        afa_coefficient=cfg.afa_coefficient,
+        sparsity_warm_up_steps=cfg.sparsity_warm_up_steps,
+    )
+
+
+def loop_config(cfg: TrainSAEConfig, steps: int) -> LoopConfig:
+    return LoopConfig(
+        steps=steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lr_warm_up_steps=cfg.lr_warm_up_steps,
+        lr_decay_steps=cfg.lr_decay_steps,
+        dead_window_steps=max(1, cfg.dead_window_tokens // cfg.batch_size),
+        checkpoint_every=cfg.checkpoint_every,
+    )
+
+
 @register("train-sae", version=1)
 def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
     """Train a sparse dictionary (SAE / transcoder / MP-SAE / top-AFA) from an activation store."""
@@ -248,20 +277,7 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
         math.sqrt(math.prod(store.shape(s))) / mean_norm(store, s, cfg.skip_bos) if cfg.normalize else 1.0
         for s in sites
     ]
-    spec = ArchSpec(
-        arch=cfg.arch,
-        d_in=d_in,
-        d_sae=cfg.d_sae or cfg.expansion * d_in,
-        d_out=d_out,
-        k=cfg.k,
-        l1_coefficient=cfg.l1_coefficient,
-        l0_coefficient=cfg.l0_coefficient,
-        aux_coefficient=cfg.aux_coefficient,
-        jumprelu_sparsity=cfg.jumprelu_sparsity,
-        target_l0=cfg.target_l0,
-        afa_coefficient=cfg.afa_coefficient,
-        sparsity_warm_up_steps=cfg.sparsity_warm_up_steps,
-    )
+    spec = arch_spec(cfg, d_in, d_out)
     sae = build(spec, dictionary_metadata(store, cfg, site, target, scaling), seed=cfg.seed)
 
     def make_stream(start: int) -> StoreStream:
@@ -272,15 +288,7 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
     steps = cfg.steps or (
         math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens else make_stream(0).batches_per_epoch()
     )
-    loop = LoopConfig(
-        steps=steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        lr_warm_up_steps=cfg.lr_warm_up_steps,
-        lr_decay_steps=cfg.lr_decay_steps,
-        dead_window_steps=max(1, cfg.dead_window_tokens // cfg.batch_size),
-        checkpoint_every=cfg.checkpoint_every,
-    )
+    loop = loop_config(cfg, steps)
     identity = {
         "spec": vars(spec),
         "store": store.fingerprint,

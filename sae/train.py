@@ -121,6 +121,28 @@ class Checkpointer:
         return json.loads((self.dir / "state.json").read_text()), curves
 
 
+def _record(trainer: SAETrainer, out: TrainStepOutput, step: int, loop: LoopConfig, curves: dict) -> dict:
+    """Append one row of training curves; returns it."""
+    m = step_metrics(out)
+    m.update(step=step, tokens=step * loop.batch_size, lr=trainer.optimizer.param_groups[0]["lr"])
+    m["dead_frac"] = trainer.dead_neurons.float().mean().item()
+    for k in CURVES:
+        curves[k].append(m[k])
+    return m
+
+
+def _resume(
+    trainer: SAETrainer, ckpt: Checkpointer, identity: dict
+) -> tuple[int, float, dict[str, list[float]]]:
+    """(start step, seconds already spent, curves so far) from the checkpoint, or a fresh start."""
+    if not ckpt.exists():
+        return 0, 0.0, {k: [] for k in CURVES}
+    state, curves = ckpt.load(trainer)
+    if state.get("identity") != identity:
+        raise RuntimeError(f"{ckpt.dir} belongs to a different training run; delete it to start over")
+    return state["step"], state["seconds"], curves
+
+
 def train(
     sae: TrainingSAE,
     make_stream: Callable[[int], StoreStream],
@@ -136,57 +158,47 @@ def train(
     `make_stream(start)` gives the batch stream positioned at batch `start`; `identity` (the run's
     config) must match a checkpoint's for it to be resumed.
     """
-    trainer = make_trainer(sae, loop)
-    ckpt = Checkpointer(Path(work_dir))
-    start, elapsed, curves = 0, 0.0, {k: [] for k in CURVES}
-    if ckpt.exists():
-        state, saved = ckpt.load(trainer)
-        if state.get("identity") != identity:
-            raise RuntimeError(f"{ckpt.dir} belongs to a different training run; delete it to start over")
-        start, elapsed, curves = state["step"], state["seconds"], saved
+    trainer, ckpt = make_trainer(sae, loop), Checkpointer(Path(work_dir))
+    start, elapsed, curves = _resume(trainer, ckpt, identity)
     stream = make_stream(start)
-    bar = tqdm(
-        total=loop.steps,
-        initial=start,
-        unit="step",
-        desc=f"train {sae.cfg.architecture()}",
-        disable=not show_bar,
-    )
+    desc = f"train {sae.cfg.architecture()}"
+    bar = tqdm(total=loop.steps, initial=start, unit="step", desc=desc, disable=not show_bar)
     t0 = time.perf_counter() - elapsed
-    tick, step = time.perf_counter(), start
+    tick, step, consistent = time.perf_counter(), start, True
 
-    def state() -> dict:
-        return {"step": step, "seconds": time.perf_counter() - t0, "identity": identity, "loop": asdict(loop)}
+    def save() -> None:
+        state = {
+            "step": step,
+            "seconds": time.perf_counter() - t0,
+            "identity": identity,
+            "loop": asdict(loop),
+        }
+        ckpt.save(trainer, state, curves)
 
     try:
         while step < loop.steps:
+            consistent = False  # weights may run ahead of `step` until the counters catch up
             out = trainer.step(next(stream))
             trainer.n_training_steps += 1
             post_step(sae)
-            step += 1
+            step, consistent = step + 1, True
             if step % loop.log_every == 0 or step == loop.steps:
-                m = step_metrics(out)
-                m.update(step=step, tokens=step * loop.batch_size, lr=trainer.optimizer.param_groups[0]["lr"])
-                m["dead_frac"] = trainer.dead_neurons.float().mean().item()
-                for k in CURVES:
-                    curves[k].append(m[k])
+                m = _record(trainer, out, step, loop, curves)
                 now = time.perf_counter()
-                bar.set_postfix(
-                    tok_s=f"{loop.log_every * loop.batch_size / (now - tick):.0f}",
-                    l0=f"{m['l0']:.1f}",
-                    fvu=f"{m['fvu']:.3f}",
-                )
+                tok_s = loop.log_every * loop.batch_size / (now - tick)
+                bar.set_postfix(tok_s=f"{tok_s:.0f}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}")
                 tick = now
             bar.update(1)
             if callback:
                 callback(step, loop.steps)
             if step % loop.checkpoint_every == 0 and step < loop.steps:
-                ckpt.save(trainer, state(), curves)
+                save()
             if stop_after is not None and step - start >= stop_after:
-                ckpt.save(trainer, state(), curves)
+                save()
                 return None
     except KeyboardInterrupt:
-        ckpt.save(trainer, state(), curves)
+        if consistent:  # otherwise the last periodic checkpoint stands
+            save()
         raise
     finally:
         bar.close()
