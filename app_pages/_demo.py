@@ -74,10 +74,7 @@ def serve(home: str | Path, port: int | None = None, timeout: float = 120) -> It
     )
     env = os.environ | {
         "WORKBENCH_HOME": str(home),
-        "HF_HUB_OFFLINE": "1",
-        "STREAMLIT_SERVER_ADDRESS": "127.0.0.1",
-        # the default watcher follows every module under the app folder, .venv included
-        "STREAMLIT_SERVER_FILE_WATCHER_TYPE": "none",
+        "HF_HUB_OFFLINE": "1",  # `workbench app` itself serves on loopback without a file watcher
     }
     log = open(Path(home) / "app.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -268,9 +268,13 @@ cli.add_command(RUN)
 
 @cli.command("app")
 @click.option("--port", default=8501, show_default=True)
+@click.option(
+    "--address", default="127.0.0.1", show_default=True, help="Interface to serve on (0.0.0.0 for all)."
+)
 @click.option("--headless/--no-headless", default=True, show_default=True)
-def app_cmd(port: int, headless: bool) -> None:
+def app_cmd(port: int, address: str, headless: bool) -> None:
     """Start the Streamlit workbench in the browser."""
+    # No file watcher: with .venv inside the checkout it follows thousands of modules (inotify overflow).
     cmd = [
         sys.executable,
         "-m",
@@ -279,8 +283,14 @@ def app_cmd(port: int, headless: bool) -> None:
         str(APP),
         "--server.port",
         str(port),
+        "--server.address",
+        address,
         "--server.headless",
         str(headless).lower(),
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "minimal",
         "--browser.gatherUsageStats",
         "false",
     ]
