@@ -73,6 +73,8 @@ def test_reads_slices_and_seeded_shuffle(tiny_model_dir, wikitext):
 def test_low_precision_dtypes(tiny_model_dir, wikitext):
     _, f32 = _capture(tiny_model_dir, wikitext, sites=("blocks.0.hook_resid_post",))
     _, f16 = _capture(tiny_model_dir, wikitext, sites=("blocks.0.hook_resid_post",), dtype="float16")
+    _, bf16 = _capture(tiny_model_dir, wikitext, sites=("blocks.0.hook_resid_post",), dtype="bfloat16")
+    assert bf16.read("blocks.0.hook_resid_post").dtype == torch.bfloat16
     x16 = f16.read("blocks.0.hook_resid_post")
     assert x16.dtype == torch.float16
     assert torch.allclose(x16.float(), f32.read("blocks.0.hook_resid_post"), atol=1e-2, rtol=1e-2)

@@ -12,6 +12,7 @@ orphans that the resume deletes. Reading checks each shard's size against the ma
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,30 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class StoreError(RuntimeError):
     """A store that is missing, incomplete or damaged; the message names the file and the fix."""
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: Path, name: str, tensor: torch.Tensor, metadata: dict[str, str]) -> tuple[int, str]:
+    """Write one tensor in the safetensors format straight from its memory (no serialised copy),
+    via a temp file + rename; returns (bytes written, sha256 of the file)."""
+    tensor = tensor.contiguous()
+    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bf16
+    body = memoryview(raw.numpy()).cast("B")
+    header = {name: {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, len(body)]},
+              "__metadata__": metadata}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+    prefix = len(head).to_bytes(8, "little") + head
+    digest = hashlib.sha256(prefix)
+    digest.update(body)
+    tmp = paths.temp_path_for(path)
+    with open(tmp, "wb") as f:
+        f.write(prefix)
+        f.write(body)
+    tmp.replace(path)
+    return len(prefix) + len(body), digest.hexdigest()
 
 
 def site_dir(site: str) -> str:
