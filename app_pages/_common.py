@@ -225,6 +225,21 @@ def stores_with(site_filter: str = "") -> list[dict]:
     return rows
 
 
+def store_picker(stores: list[dict]) -> str | None:
+    """Sidebar select of stores (preselected from the `store` query parameter), labelled by model and size."""
+    options = [s["path"] for s in stores]
+    labels = {
+        s["path"]: f"{s['path'].rsplit('/', 1)[-1][:12]} · {s['model']} · {s['rows']} rows" for s in stores
+    }
+    wanted = param("store")
+    return st.selectbox(
+        "Activation store",
+        options,
+        index=options.index(wanted) if wanted in options else 0,
+        format_func=labels.get,
+    )
+
+
 def dictionaries() -> list[str]:
     """Dictionary folders: saved under $WORKBENCH_HOME/dictionaries, or named by train-sae results."""
     found = [d["path"] for d in api.list_dictionaries()]

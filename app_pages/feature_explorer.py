@@ -42,16 +42,7 @@ st.caption(f"{info['architecture']} · d_sae {info['d_sae']} · reads {info['sit
 stores = ui.stores_with(info["site"] or "")
 stores = [s for s in stores if info["site"] in s["sites"]]
 with st.sidebar:
-    options = [s["path"] for s in stores]
-    store_path = st.selectbox(
-        "Activation store",
-        options,
-        index=options.index(ui.param("store")) if ui.param("store") in options else 0,
-        format_func=lambda p: (
-            f"{p.rsplit('/', 1)[-1][:12]} · "
-            + next(f"{s['model']} · {s['rows']} rows" for s in stores if s["path"] == p)
-        ),
-    )
+    store_path = ui.store_picker(stores)
 if not store_path:
     st.error(
         f"No activation store holds {info['site']}: capture one with `workbench capture --sites {info['site']}`."

@@ -17,16 +17,8 @@ def _goto(j: int) -> None:
 
 stores = ui.stores_with("mlp.hook_post")
 with st.sidebar:
+    picked = ui.store_picker(stores)
     options = [s["path"] for s in stores]
-    picked = st.selectbox(
-        "Activation store",
-        options,
-        index=options.index(ui.param("store")) if ui.param("store") in options else 0,
-        format_func=lambda p: (
-            f"{p.rsplit('/', 1)[-1][:12]} · "
-            + next(f"{s['model']} · {s['rows']} rows" for s in stores if s["path"] == p)
-        ),
-    )
     typed = st.text_input(
         "…or a store path", value="" if ui.param("store") in options else ui.param("store"), key="store_path"
     )

@@ -85,7 +85,9 @@ def input_fingerprints(cfg: Any) -> dict[str, Any]:
     if fields.get("data") and not fields.get("store"):
         out["data"] = data.fingerprint(fields["data"])
     if fields.get("dictionary"):  # retraining into the same folder must not return stale results
-        out["dictionary"] = [_folder_fingerprint(p.strip()) for p in str(fields["dictionary"]).split(",") if p.strip()]
+        out["dictionary"] = [
+            _folder_fingerprint(p.strip()) for p in str(fields["dictionary"]).split(",") if p.strip()
+        ]
     return out
 
 

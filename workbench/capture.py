@@ -287,15 +287,10 @@ def _committed_records(root: Path, run_sites: list[str]) -> list[ShardRecord]:
     kept: list[ShardRecord] = []
     for shard in range(len(by_shard)):  # keep the contiguous prefix of good shards only
         recs = by_shard.get(shard, [])
-        if {r.site for r in recs} != set(run_sites) or not all(_intact(root, r) for r in recs):
+        if {r.site for r in recs} != set(run_sites) or not all(r.intact(root) for r in recs):
             break
         kept += recs
     return kept
-
-
-def _intact(root: Path, rec: ShardRecord) -> bool:
-    path = root / "acts" / site_dir(rec.site) / shard_name(rec.shard)
-    return path.exists() and path.stat().st_size == rec.bytes
 
 
 def _remove_orphans(root: Path, run_sites: list[str], n_done: int) -> None:

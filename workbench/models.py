@@ -162,15 +162,14 @@ def _convert_gguf(spec: GgufSpec) -> Path:
 
 
 def weights_hash(folder: Path) -> str:
-    """sha256 over the folder's weight files, memoised in `workbench.json` keyed by size and mtime."""
+    """sha256 of the weights. A converted GGUF folder records its source file's hash; any other
+    folder hashes its weight files once and memoises that in `workbench.json` by size and mtime."""
     marker = folder / "workbench.json"
-    if marker.exists():
-        data = json.loads(marker.read_text())
-        if "weights_hash" in data and "stat" not in data:
-            return data["weights_hash"]
+    cached = _read_json(marker)
+    if "weights_hash" in cached and "stat" not in cached:
+        return cached["weights_hash"]
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     stat = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    cached = _read_json(marker)
     if cached.get("stat") == stat:
         return cached["weights_hash"]
     digest = paths.sha256_json([paths.sha256_file(p) for p in files])

@@ -36,14 +36,22 @@ class StoreError(RuntimeError):
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def write_safetensors(path: Path, name: str, tensor: torch.Tensor, metadata: dict[str, str]) -> tuple[int, str]:
+def write_safetensors(
+    path: Path, name: str, tensor: torch.Tensor, metadata: dict[str, str]
+) -> tuple[int, str]:
     """Write one tensor in the safetensors format straight from its memory (no serialised copy),
     via a temp file + rename; returns (bytes written, sha256 of the file)."""
     tensor = tensor.contiguous()
     raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bf16
     body = memoryview(raw.numpy()).cast("B")
-    header = {name: {"dtype": _ST_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [0, len(body)]},
-              "__metadata__": metadata}
+    header = {
+        name: {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [0, len(body)],
+        },
+        "__metadata__": metadata,
+    }
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     prefix = len(head).to_bytes(8, "little") + head
@@ -77,6 +85,14 @@ class ShardRecord:
     std: float
     norm_mean: float
     abs_max: float
+
+    def path(self, root: Path) -> Path:
+        return root / "acts" / site_dir(self.site) / shard_name(self.shard)
+
+    def intact(self, root: Path) -> bool:
+        """Present with the size the manifest recorded (cheap: a stat, no read)."""
+        path = self.path(root)
+        return path.exists() and path.stat().st_size == self.bytes
 
 
 def read_manifest(root: Path) -> list[ShardRecord]:
@@ -157,15 +173,18 @@ class ActivationStore:
         return torch.from_numpy(self.tokens().column("pos").to_numpy().astype(np.int64))
 
     # --- reading ------------------------------------------------------------------------
-    def shard(self, site: str, index: int) -> torch.Tensor:
-        """One whole shard of a site (checked against the manifest's size)."""
+    def _checked_path(self, site: str, index: int) -> Path:
         rec = self.records(site)[index]
-        path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
-        if not path.exists() or path.stat().st_size != rec.bytes:
+        if not rec.intact(self.root):
             raise StoreError(
-                f"shard {rec.shard} of site {site} is missing or truncated ({path}); "
+                f"shard {rec.shard} of site {site} is missing or truncated ({rec.path(self.root)}); "
                 "re-run the same capture command to resume and rewrite it"
             )
+        return rec.path(self.root)
+
+    def shard(self, site: str, index: int) -> torch.Tensor:
+        """One whole shard of a site (checked against the manifest's size)."""
+        path = self._checked_path(site, index)
         try:
             with safe_open(path, framework="pt") as f:
                 return f.get_tensor("acts")
@@ -188,11 +207,7 @@ class ActivationStore:
         return torch.cat(pieces)
 
     def _slice(self, site: str, index: int, lo: int, hi: int) -> torch.Tensor:
-        rec = self.records(site)[index]
-        path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
-        if not path.exists() or path.stat().st_size != rec.bytes:
-            self.shard(site, index)  # raises the readable error
-        with safe_open(path, framework="pt") as f:
+        with safe_open(self._checked_path(site, index), framework="pt") as f:
             return f.get_slice("acts")[lo:hi]
 
     def iter_shards(self, site: str) -> Iterator[torch.Tensor]:
@@ -219,7 +234,7 @@ class ActivationStore:
         problems = []
         for site in self.sites:
             for rec in self.records(site):
-                path = self.root / "acts" / site_dir(site) / shard_name(rec.shard)
+                path = rec.path(self.root)
                 if not path.exists() or paths.sha256_file(path) != rec.sha256:
                     problems.append(f"{site} shard {rec.shard}")
         return problems

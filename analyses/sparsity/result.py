@@ -132,43 +132,38 @@ class SparsityResult(Result):
         return fig
 
     def _topk_figure(self):
-        from plotly.subplots import make_subplots
-
         rows = self.topk["rows"]
-        ks = [r["k"] for r in rows]
-        fig = make_subplots(specs=[[{"secondary_y": True}]])
-        fig.add_scatter(x=ks, y=[r["loss"] for r in rows], mode="lines+markers", name="loss")
-        fig.add_scatter(
-            x=ks,
-            y=[r["top1_agree"] for r in rows],
-            mode="lines+markers",
-            name="top-1 agreement",
-            secondary_y=True,
+        fig = _two_axis_figure(
+            [r["k"] for r in rows],
+            ("loss", "loss (nats/token)", [r["loss"] for r in rows]),
+            ("top-1 agreement", "top-1 agreement", [r["top1_agree"] for r in rows]),
+            (self.topk["dense_loss"], "unmodified loss"),
         )
-        fig.add_hline(y=self.topk["dense_loss"], line_dash="dot", annotation_text="unmodified loss")
         fig.update_xaxes(type="log", title_text=f"k (of d_mlp = {self.d_mlp}) kept per token")
-        fig.update_yaxes(title_text="loss (nats/token)", secondary_y=False)
-        fig.update_yaxes(title_text="top-1 agreement", secondary_y=True)
         fig.update_layout(title=f"top-k MLP activations at {len(self.topk['layers'])} layers")
         return fig
 
     def _pplp_figure(self):
-        from plotly.subplots import make_subplots
-
         trace = sorted(self.pplp["trace"], key=lambda pt: pt["cett"])
-        cett = [pt["cett"] for pt in trace]
-        fig = make_subplots(specs=[[{"secondary_y": True}]])
-        fig.add_scatter(x=cett, y=[pt["ppl_ratio"] for pt in trace], mode="lines+markers", name="PPL ratio")
-        fig.add_scatter(
-            x=cett,
-            y=[pt["ratio"] for pt in trace],
-            mode="lines+markers",
-            name="activation ratio",
-            secondary_y=True,
+        fig = _two_axis_figure(
+            [pt["cett"] for pt in trace],
+            ("PPL ratio", "PPL ratio (sparse / dense)", [pt["ppl_ratio"] for pt in trace]),
+            ("activation ratio", "activation ratio", [pt["ratio"] for pt in trace]),
+            (self.pplp["target_ratio"], "target"),
         )
-        fig.add_hline(y=self.pplp["target_ratio"], line_dash="dot", annotation_text="target")
         fig.update_xaxes(title_text="CETT")
-        fig.update_yaxes(title_text="PPL ratio (sparse / dense)", secondary_y=False)
-        fig.update_yaxes(title_text="activation ratio", secondary_y=True)
         fig.update_layout(title=f"PPL-{self.pplp['p']:g}% search: perplexity ratio vs CETT")
         return fig
+
+
+def _two_axis_figure(x, left, right, hline):
+    """Two curves over one x, (name, axis title, y) each, the right one on a secondary axis, and a
+    dotted reference line (y, label) on the left axis."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for (name, title, y), secondary in ((left, False), (right, True)):
+        fig.add_scatter(x=x, y=y, mode="lines+markers", name=name, secondary_y=secondary)
+        fig.update_yaxes(title_text=title, secondary_y=secondary)
+    fig.add_hline(y=hline[0], line_dash="dot", annotation_text=hline[1])
+    return fig
