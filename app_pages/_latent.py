@@ -75,14 +75,35 @@ def show(res, i: int, unit: str, on_neighbour: Callable[[int], None]) -> None:
         if getattr(res, "logit_note", ""):
             st.caption(res.logit_note)
     st.subheader("Neighbours")
-    if not d["neighbors"]:
-        st.caption("none")
-    cols = st.columns(max(len(d["neighbors"]), 1))
-    for col, (j, cos) in zip(cols, d["neighbors"]):
+    _neighbour_row(
+        d.get("correlated", []),
+        "most correlated",
+        "r",
+        i,
+        unit,
+        on_neighbour,
+        "Pearson correlation of the activations over the scanned tokens; click to open it",
+    )
+    _neighbour_row(
+        d["neighbors"],
+        "nearest output direction",
+        "cos",
+        i,
+        unit,
+        on_neighbour,
+        "cosine of the output directions (decoder rows or W_out rows); click to open it",
+    )
+
+
+def _neighbour_row(pairs, label: str, stat: str, i: int, unit: str, on_neighbour, help: str) -> None:
+    """One row of buttons; keys are nb-<r|cos>-<unit>-<i>-<j>."""
+    st.caption(f"{label} ({stat})" + ("" if pairs else ": none"))
+    cols = st.columns(max(len(pairs), 1))
+    for col, (j, v) in zip(cols, pairs):
         col.button(
-            f"{unit} {j} ({cos:+.2f})",
-            key=f"nb-{unit}-{i}-{j}",
+            f"{unit} {j} ({v:+.2f})",
+            key=f"nb-{stat}-{unit}-{i}-{j}",
             on_click=on_neighbour,
             args=(j,),
-            help="nearest by output-direction cosine; click to open it",
+            help=help,
         )

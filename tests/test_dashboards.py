@@ -60,7 +60,10 @@ def test_top_contexts_are_the_global_argmax_rows(store, neurons):
     X = _site_acts(store)
     vals, rows = X.T.topk(N_TOP, dim=1)  # [d_mlp, n_top]
     assert store.n_shards(SITE) > 1 and neurons.n_latents == X.shape[1]
-    assert torch.equal(neurons.top_rows, rows) and torch.allclose(neurons.top_acts, vals)
+    assert torch.allclose(neurons.top_acts, vals)
+    # the rows hold those values (ties, e.g. repeated text, may come in either order)
+    assert torch.equal(X.T.gather(1, neurons.top_rows), vals)
+    assert (neurons.top_rows == rows).float().mean() > 0.9
     assert torch.allclose(neurons.max_act, vals[:, 0])
     fires = X > -torch.inf
     kept = (torch.arange(len(X)) % CTX != 0).sum()
@@ -115,6 +118,22 @@ def test_quantiles_and_histogram(store, neurons):
         assert neurons.hist_edges[j, -1] == pytest.approx(m)
 
 
+def test_correlated_neighbours_match_numpy_corrcoef(store, neurons):
+    import numpy as np
+
+    X = store.read(SITE).float().numpy()
+    X = X[np.arange(len(X)) % CTX != 0]  # BOS rows are skipped by default
+    corr = np.corrcoef(X.T)
+    np.fill_diagonal(corr, -np.inf)
+    live = X.std(0) > 0
+    corr[:, ~live] = -np.inf
+    for j in np.flatnonzero(live)[:20]:
+        order = np.argsort(-corr[j])[:8]
+        assert neurons.corr_neighbors[j].tolist() == order.tolist()
+        assert neurons.corr_values[j].numpy() == pytest.approx(corr[j, order], abs=1e-4)
+    assert neurons.latent(3)["correlated"][0][0] == int(neurons.corr_neighbors[3, 0])
+
+
 def test_logits_and_neighbors_from_W_out(tiny_model, neurons):
     W_out = tiny_model.W_out[0].detach().float()  # [d_mlp, d_model]
     logits = W_out @ tiny_model.W_U.detach().float()
@@ -126,6 +145,7 @@ def test_logits_and_neighbors_from_W_out(tiny_model, neurons):
     assert torch.equal(neurons.neighbors[:, 0], cos.argmax(-1))
     assert torch.allclose(neurons.neighbor_cos[:, 0], cos.max(-1).values, atol=1e-5)
     view = neurons.latent(7)
+    assert view["neighbors"][0] == (int(cos[7].argmax()), pytest.approx(float(cos[7].max()), abs=1e-5))
     assert view["pos_logits"][0] == (
         neurons.decoded[str(int(logits[7].argmax()))],
         pytest.approx(float(logits[7].max())),

@@ -12,10 +12,10 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -35,6 +35,7 @@ from workbench.store import (
     write_safetensors,
 )
 
+_HOOK_LEVEL = -7001  # tags the capture's hooks so removing them leaves everyone else's alone
 DEFAULT_SITES = ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post")
 Progress = Callable[[int, int], None]
 
@@ -161,64 +162,81 @@ class _Capture:
         seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
         seqs = itertools.islice(seqs, self.n_done * self.cfg.shard_seqs, self.total_seqs)
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1) as writer:
+        with ThreadPoolExecutor(max_workers=1) as writer, self._hooks_installed():
             shard = self.n_done
             while chunk := list(itertools.islice(seqs, self.cfg.shard_seqs)):
-                buffers = self._forward_shard(chunk)
+                buffers, stats = self._forward_shard(chunk)
                 if pending is not None:
                     pending.result()  # surfaces writer errors; bounds memory to two shards
-                pending = writer.submit(self._write_shard, shard, chunk, buffers)
+                pending = writer.submit(self._write_shard, shard, chunk, buffers, stats)
                 shard += 1
             if pending is not None:
                 pending.result()
         self.bar.close()
         self._finish()
 
-    def _forward_shard(self, chunk: list[data.Sequence]) -> dict[str, torch.Tensor]:
-        rows = len(chunk) * self.cfg.ctx_len
-        buffers: dict[str, torch.Tensor] = {}
-        cursor = [0]
-
-        def save(act: torch.Tensor, hook) -> None:
-            flat = sites.to_rows(hook.name, act)
-            for name in self._aliases[hook.name]:
-                if name not in buffers:
-                    buffers[name] = torch.empty(rows, *flat.shape[1:], dtype=self.dtype)
-                buffers[name][cursor[0] : cursor[0] + len(flat)].copy_(flat)
-
-        hooks = self._hooks(save)
+    def _forward_shard(self, chunk: list[data.Sequence]) -> tuple[dict[str, torch.Tensor], dict]:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._stats: dict[str, _RunningStats] = {}
+        self._rows, self._cursor = len(chunk) * self.cfg.ctx_len, 0
         stop = sites.stop_layer(self.sites, self.model.cfg.n_layers)
         with torch.inference_mode():
             for b in range(0, len(chunk), self.cfg.batch_size):
                 batch = torch.tensor(
                     [s.tokens for s in chunk[b : b + self.cfg.batch_size]], device=self.model.cfg.device
                 )
-                self.model.run_with_hooks(batch, fwd_hooks=hooks, return_type=None, stop_at_layer=stop)
-                cursor[0] += batch.numel()
+                self.model(batch, return_type=None, stop_at_layer=stop)
+                self._cursor += batch.numel()
                 self._tick(batch.numel())
-        return buffers
+        return self._buffers, {
+            site: self._stats[point] for point, names in self._aliases.items() for site in names
+        }
 
-    def _hooks(self, save) -> list:
-        """One hook per distinct hook point; alias names (same HookPoint) share its tensor."""
-        self._aliases: dict[str, list[str]] = {}
+    def _save(self, act: torch.Tensor, hook) -> None:
+        flat = sites.to_rows(hook.name, act)
+        stats = self._stats.setdefault(hook.name, _RunningStats())
+        stats.add(flat)  # here, while the activation is still in cache, not later from the buffer
+        for name in self._aliases[hook.name]:
+            if name not in self._buffers:
+                self._buffers[name] = torch.empty(self._rows, *flat.shape[1:], dtype=self.dtype)
+            self._buffers[name][self._cursor : self._cursor + len(flat)].copy_(flat)
+
+    @contextmanager
+    def _hooks_installed(self):
+        """One hook per distinct hook point (alias names share its tensor), added once per capture:
+        the Bridge rebuilds its alias table on every `hook_dict` lookup (~20 ms), so adding hooks
+        per batch, as `run_with_hooks` does, cost more than copying the activations."""
+        hook_dict = self.model.hook_dict
+        points, self._aliases = {}, {}
         for site in self.sites:
-            point = self.model.hook_dict[site]
+            point = hook_dict[site]
+            points[point.name] = point
             self._aliases.setdefault(point.name, []).append(site)
-        return [(name, save) for name in self._aliases]
+        for point in points.values():
+            point.add_hook(self._save, dir="fwd", level=_HOOK_LEVEL)
+        try:
+            yield
+        finally:
+            for point in points.values():
+                point.remove_hooks("fwd", level=_HOOK_LEVEL)
 
     def _tick(self, n: int) -> None:
         self.bar.update(n)
         if self.callback:
             self.callback(self.bar.n, self.bar.total)
 
-    def _write_shard(self, shard: int, chunk: list[data.Sequence], buffers: dict[str, torch.Tensor]) -> None:
+    def _write_shard(
+        self, shard: int, chunk: list[data.Sequence], buffers: dict[str, torch.Tensor], stats: dict
+    ) -> None:
         row0 = shard * self.cfg.shard_seqs * self.cfg.ctx_len
         new = []
         for site in self.sites:
             acts = buffers[site]
             path = self.root / "acts" / site_dir(site) / shard_name(shard)
             size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
-            new.append(_record(site, shard, row0, acts, size, digest))
+            new.append(
+                ShardRecord(site, shard, row0, row0 + len(acts), size, digest, **stats[site].summary())
+            )
         self._write_tokens(shard, chunk)
         if not self.run["shapes"]:
             self.run["shapes"] = {s: list(buffers[s].shape[1:]) for s in self.sites}
@@ -240,7 +258,9 @@ class _Capture:
         path = self.root / "tokens" / f"part-{shard:05d}.parquet"
         tmp = paths.temp_path_for(path)
         pq.write_table(table, tmp)
-        paths.commit_temp(tmp, path)
+        # No fsync: on ext4 it forced a journal commit that waited for the shard just written
+        # (0.3 s a shard). The rename alone survives a killed process, like the shard files.
+        paths.commit_temp(tmp, path, fsync=False)
 
     def _finish(self) -> None:
         parts = sorted((self.root / "tokens").glob("part-*.parquet"))
@@ -256,26 +276,32 @@ class _Capture:
         paths.atomic_write_json(self.root / "run.json", self.run)
 
 
-def _record(site: str, shard: int, row0: int, acts: torch.Tensor, size: int, digest: str) -> ShardRecord:
-    # numpy, not torch: single-threaded, so stats never fight the forward pass's OpenMP pool; two
-    # passes (sum, row sums of squares) give mean, std and mean norm.
-    x = acts.reshape(len(acts), -1)
-    a = (x if x.dtype == torch.float32 else x.float()).numpy()
-    sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
-    n = a.size
-    mean = float(a.sum(dtype=np.float64)) / n
-    return ShardRecord(
-        site=site,
-        shard=shard,
-        row_start=row0,
-        row_end=row0 + len(acts),
-        bytes=size,
-        sha256=digest,
-        mean=mean,
-        std=max(float(sq.sum()) / n - mean**2, 0.0) ** 0.5,
-        norm_mean=float(np.sqrt(sq).mean()),
-        abs_max=float(max(a.max(), -a.min())),
-    )
+class _RunningStats:
+    """Mean, std, mean row norm and |max| of one site over a shard, fed batch by batch."""
+
+    def __init__(self):
+        self.n = self.rows = 0
+        self.total = self.squares = self.norms = self.abs_max = 0.0
+
+    def add(self, rows: torch.Tensor) -> None:
+        x = rows.reshape(len(rows), -1)
+        norms = torch.linalg.vector_norm(x, dim=1).double()  # fp32 kernels: no float64 copy of x
+        low, high = torch.aminmax(x)
+        self.n += x.numel()
+        self.rows += len(x)
+        self.total += x.sum().item()  # torch's cascaded fp32 sum, accurate at this size
+        self.squares += norms.square().sum().item()
+        self.norms += norms.sum().item()
+        self.abs_max = max(self.abs_max, high.item(), -low.item())
+
+    def summary(self) -> dict[str, float]:
+        mean = self.total / self.n
+        return {
+            "mean": mean,
+            "std": max(self.squares / self.n - mean**2, 0.0) ** 0.5,
+            "norm_mean": self.norms / self.rows,
+            "abs_max": self.abs_max,
+        }
 
 
 def _committed_records(root: Path, run_sites: list[str]) -> list[ShardRecord]:

@@ -1,8 +1,8 @@
 """Text sources and token packing.
 
-A source is a local `.txt` (documents separated by blank lines), `.jsonl` (a `text` field),
-`.json` (a list of strings or of objects with `text`/`story`), `.parquet` (a `text` column), or
-`hf:<dataset>[:<split>]` when online. Documents are tokenized without special tokens, joined with
+A source is a local `.txt` (documents separated by blank lines, else one per line), `.jsonl` (a
+`text` field), `.json` (a list of strings or of objects with `text`/`story`), `.parquet` (a `text`
+column), `hf:<dataset>[:<split>]` when online, or a comma-separated list of these, read in order. Documents are tokenized without special tokens, joined with
 EOS and cut into fixed-length sequences; with the `prepend` BOS policy each sequence starts with
 BOS. The packing is deterministic, which is what lets a killed capture resume by skipping.
 """
@@ -10,6 +10,7 @@ BOS. The packing is deterministic, which is what lets a killed capture resume by
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from workbench import paths
 BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
 BOS_POLICIES = ("prepend", "none")
 TEXT_KEYS = ("text", "story", "content")
+PACKING_VERSION = 2  # bump when the same text would pack into different sequences
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
 class DataSourceError(ValueError):
@@ -30,11 +33,19 @@ def default_source() -> str:
 
 
 def fingerprint(source: str) -> str:
-    """Content hash of a local source; name (+ split) of a Hub dataset."""
-    if source.startswith("hf:"):
-        return paths.sha256_json(["hf", source])
-    path = _local_path(source)
-    return paths.sha256_file(path)
+    """Content hash of the local files or names (+ split) of Hub datasets, and the packing version."""
+    parts = [
+        ["hf", p] if p.startswith("hf:") else paths.sha256_file(_local_path(p)) for p in split_sources(source)
+    ]
+    return paths.sha256_json([*parts, PACKING_VERSION])
+
+
+def split_sources(source: str) -> list[str]:
+    """A comma-separated list of sources is read in order, as one stream of documents."""
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    if not parts:
+        raise DataSourceError("empty text source: pass a .txt/.jsonl/.json/.parquet file or hf:<dataset>")
+    return parts
 
 
 def _local_path(source: str) -> Path:
@@ -47,13 +58,18 @@ def _local_path(source: str) -> Path:
 
 
 def iter_documents(source: str) -> Iterator[str]:
+    for part in split_sources(source):
+        yield from _documents_of(part)
+
+
+def _documents_of(source: str) -> Iterator[str]:
     if source.startswith("hf:"):
         yield from _hf_documents(source[3:])
         return
     path = _local_path(source)
     suffix = path.suffix.lower()
     if suffix in (".txt", ".raw", ".md") or path.name.endswith(".raw"):
-        yield from (d.strip() for d in path.read_text(errors="replace").split("\n\n") if d.strip())
+        yield from _text_documents(path.read_text(errors="replace"))
     elif suffix == ".jsonl":
         for line in path.read_text().splitlines():
             if line.strip():
@@ -72,6 +88,12 @@ def iter_documents(source: str) -> Iterator[str]:
         raise DataSourceError(
             f"unsupported text source '{source}': use .txt, .jsonl, .json, .parquet or hf:<dataset>"
         )
+
+
+def _text_documents(text: str) -> Iterator[str]:
+    """Blank-line separated documents; a file without blank lines (WikiText raw) has one per line."""
+    parts = _BLANK_LINE.split(text) if _BLANK_LINE.search(text) else text.splitlines()
+    return (p.strip() for p in parts if p.strip())
 
 
 def _text_of(item) -> str:
@@ -119,9 +141,10 @@ def pack(source: str, tokenizer, ctx_len: int, bos: str = "prepend") -> Iterator
             ids = ids + [sep]
         buf_tokens += ids
         buf_docs += [doc_id] * len(ids)
-        while len(buf_tokens) >= body:
-            yield _sequence(buf_tokens[:body], buf_docs[:body], tokenizer, bos)
-            del buf_tokens[:body], buf_docs[:body]
+        n_full = len(buf_tokens) // body * body  # cut once per document: linear in its length
+        for i in range(0, n_full, body):
+            yield _sequence(buf_tokens[i : i + body], buf_docs[i : i + body], tokenizer, bos)
+        del buf_tokens[:n_full], buf_docs[:n_full]
 
 
 def _sequence(tokens: list[int], docs: list[int], tokenizer, bos: str) -> Sequence:

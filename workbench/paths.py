@@ -76,7 +76,9 @@ def temp_path_for(path: Path) -> Path:
     return Path(tmp)
 
 
-def commit_temp(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+def commit_temp(tmp: Path, path: Path, fsync: bool = True) -> None:
+    """Rename a finished temp file into place; see `atomic_write_bytes` for what fsync adds."""
+    if fsync:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
     os.replace(tmp, path)

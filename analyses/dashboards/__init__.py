@@ -4,12 +4,14 @@ In the style of Anthropic's "Towards Monosemanticity" feature pages and SAEDashb
 (ecosystem.md §4.3, §6.2): top activating contexts with per-token activations, samples from
 activation quantile intervals, activation density and histogram, the top ± output logits of the
 latent's output direction (W_dec · W_U for dictionaries; W_out[layer] · W_U for MLP neurons; the
-unembedding is used as loaded, so the final norm is folded in only for 'compat' stores), and the
-nearest latents by decoder cosine. Raw neurons ("neuron dashboards") use the same code with the
+unembedding is used as loaded, so the final norm is folded in only for 'compat' stores), the
+nearest latents by decoder cosine, and the most correlated latents by activation over the scanned
+tokens (Pearson r, up to 8192 latents). Raw neurons ("neuron dashboards") use the same code with the
 stored site value as the activation. A latent 'fires' on a token when its activation is > 0.
 
 Three streaming passes over the store's shards, memory bounded by one shard × latents:
-1. density, mean, and a running top-k per latent (torch.topk over the kept and new candidates);
+1. density, mean, a running top-k per latent (torch.topk over the kept and new candidates) and
+   the co-activation sums (Σa, Σaᵀa) behind the correlations;
 2. the activation histogram on [0, max] and quantile samples (random-key top-k per interval);
 3. the activations of every latent on its context windows (only the rows those windows touch).
 """
@@ -83,7 +85,7 @@ def _resolve(cfg: DashboardConfig, store):
     return sae, site
 
 
-@register("dashboards", version=2)
+@register("dashboards", version=3)
 def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
     """Feature/neuron dashboards: top and quantile contexts, density, histogram, ± logits, neighbours."""
     if not cfg.store:
@@ -144,5 +146,7 @@ def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
         quantile_ctx_acts=acts[:, k:],
         hist_counts=counts,
         hist_edges=max_act[:, None] * torch.linspace(0, 1, N_BINS + 1)[None],
+        corr_neighbors=top["corr_neighbors"],
+        corr_values=top["corr_values"],
         **extra,
     )

@@ -10,6 +10,7 @@ from workbench.context import Context
 from workbench.sites import layer_of
 
 N_BINS, N_LOGITS, N_NEIGHBORS = 32, 10, 8
+MAX_CORRELATED = 8192  # co-activation needs an [n, n] float64 matrix: 0.5 GB at this size
 
 
 class Latents:
@@ -51,15 +52,52 @@ def merge_topk(vals, rows, cand_vals, cand_rows, k: int, extra=None):
     return v, r, (None if extra is None else torch.cat(extra, 1).gather(1, idx))
 
 
+class CoActivation:
+    """Pearson correlation between latents' activations over the scanned tokens, batch by batch."""
+
+    def __init__(self, n: int):
+        self.enabled = 1 < n <= MAX_CORRELATED
+        m = n if self.enabled else 0
+        self.sum, self.gram, self.count = (
+            torch.zeros(m, dtype=torch.float64),
+            torch.zeros(m, m, dtype=torch.float64),
+            0,
+        )
+
+    def add(self, a: torch.Tensor) -> None:  # a: [B, n]
+        if self.enabled:
+            self.sum += a.sum(0).double()
+            self.gram += (a.T @ a).double()  # fp32 matmul per batch, fp64 running sum
+            self.count += len(a)
+
+    def nearest(self, n: int, k: int = N_NEIGHBORS) -> dict[str, torch.Tensor]:
+        """Top-k most correlated other latents, [n, k] ids (-1 = none: dead or constant) and r."""
+        ids, r = torch.full((n, k), -1), torch.full((n, k), torch.nan)
+        if self.enabled and self.count > 1:
+            mean = self.sum / self.count
+            cov = self.gram / self.count - torch.outer(mean, mean)
+            std = cov.diagonal().clamp(min=0).sqrt()
+            corr = cov / torch.outer(std, std)
+            corr[~torch.isfinite(corr) | (std[:, None] == 0)] = -torch.inf
+            corr.fill_diagonal_(-torch.inf)
+            v, i = corr.topk(min(k, n - 1), dim=1)
+            ok = torch.isfinite(v)
+            ids[:, : i.shape[1]] = torch.where(ok, i, -1)
+            r[:, : v.shape[1]] = torch.where(ok, v, torch.nan).float()
+        return {"corr_neighbors": ids, "corr_values": r}
+
+
 def pass_top(batches, acts_of, n: int, n_top: int) -> dict[str, torch.Tensor]:
     vals, rows = torch.full((n, n_top), -torch.inf), torch.full((n, n_top), -1)
     fires, sums, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
+    co = CoActivation(n)
     for r, x in batches:
         a = acts_of(x)  # [B, n]
         on = a > 0
         fires += on.sum(0)
         sums += torch.where(on, a, 0).sum(0).double()
         count += len(a)
+        co.add(a)
         vals, rows, _ = merge_topk(vals, rows, torch.where(on, a, -torch.inf).T, r[None], n_top)
     rows[vals == -torch.inf] = -1
     return {
@@ -68,6 +106,7 @@ def pass_top(batches, acts_of, n: int, n_top: int) -> dict[str, torch.Tensor]:
         "density": (fires / max(count, 1)).float(),
         "mean_act": (sums / fires.clamp(min=1)).float(),
         "count": torch.tensor(count),
+        **co.nearest(n),
     }
 
 

@@ -48,6 +48,8 @@ class DashboardResult(Result):
     bottom_logit_vals: torch.Tensor
     neighbors: torch.Tensor  # [n_latents, 8] by decoder (or W_out) cosine, -1 = none
     neighbor_cos: torch.Tensor
+    corr_neighbors: torch.Tensor  # [n_latents, 8] by activation correlation over the tokens, -1 = none
+    corr_values: torch.Tensor  # Pearson r
     hist_counts: torch.Tensor  # [n_latents, 32] counts of nonzero activations
     hist_edges: torch.Tensor  # [n_latents, 33] from 0 to max_act
 
@@ -101,6 +103,9 @@ class DashboardResult(Result):
             "neg_logits": self._logits(self.bottom_logit_ids[i], self.bottom_logit_vals[i]),
             "neighbors": [
                 (int(j), float(c)) for j, c in zip(self.neighbors[i], self.neighbor_cos[i]) if j >= 0
+            ],
+            "correlated": [
+                (int(j), float(r)) for j, r in zip(self.corr_neighbors[i], self.corr_values[i]) if j >= 0
             ],
             "hist": {"counts": self.hist_counts[i].tolist(), "edges": self.hist_edges[i].tolist()},
         }
