@@ -178,6 +178,16 @@ def token_html(
     )
 
 
+def pill_colours(key: str, values: list[float]) -> str:
+    """CSS giving the i-th pill of the `st.pills` with this key the colour of values[i]."""
+    vmax = max((abs(v) for v in values), default=0.0)
+    rules = [
+        f".st-key-{key} button:nth-of-type({i + 1}){{background:{_colour(v, vmax)};font-family:monospace}}"
+        for i, v in enumerate(values)
+    ]
+    return "<style>" + "".join(rules) + "</style>"
+
+
 def show_result(key: str) -> None:
     """A cached result's summary table and plotly figures."""
     res = result(key)

@@ -1,5 +1,5 @@
 """Prompt lens: type text, pick a model; tokens coloured by an MLP neuron, an SAE latent or the
-residual-stream norm at a layer (hover for values); top neurons and latents at a chosen token;
+residual-stream norm at a layer (hover for values); top neurons and latents at a clicked token;
 next-token predictions. One cached forward pass per (model, text, layer, dictionary)."""
 
 import streamlit as st
@@ -74,9 +74,16 @@ else:
 st.markdown(f"**{what}** · max {max(values):.4g} · min {min(values):.4g}")
 st.html(ui.token_html(tokens, values))
 
-pos = st.selectbox(
-    "Token", range(n_pos), index=n_pos - 1, format_func=lambda i: f"{i}: {tokens[i]!r}", key="pos"
+picked = st.pills(
+    "Click a token to see its top neurons, latents and predictions",
+    range(n_pos),
+    default=n_pos - 1,
+    format_func=lambda i: tokens[i].replace("\n", "↵") or "∅",
+    key="pos",
 )
+st.html(ui.pill_colours("pos", values))  # the clickable tokens carry the same colours
+pos = n_pos - 1 if picked is None or picked >= n_pos else picked
+st.caption(f"token {pos}: {tokens[pos]!r} = {values[pos]:.4g}")
 cols = st.columns(3)
 with cols[0]:
     st.subheader("Top neurons")

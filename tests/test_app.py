@@ -189,8 +189,17 @@ def test_prompt_lens_values_match_the_model(home, tiny_model):
     probs = tiny_model(tiny_model.to_tokens(TEXT))[0, -1].softmax(-1)
     table = at.table[-1].value
     assert table["prob"].tolist() == pytest.approx(probs.topk(10).values.tolist(), abs=1e-5)
-    top = at.table[0].value  # top neurons at the chosen token
+    top = at.table[0].value  # top neurons at the chosen token (the last one until a click)
     assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, -1].topk(10).indices.tolist()
+    tokens = [tiny_model.tokenizer.decode([t]) for t in tiny_model.to_tokens(TEXT)[0]]
+    pills = at.button_group(key="pos")
+    assert pills.options == tokens and pills.value == len(tokens) - 1
+    pills.set_value(2).run()  # click the third token
+    top = at.table[0].value
+    assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, 2].topk(10).indices.tolist()
+    assert at.table[-1].value["prob"].tolist() == pytest.approx(
+        tiny_model(tiny_model.to_tokens(TEXT))[0, 2].softmax(-1).topk(10).values.tolist(), abs=1e-5
+    )
 
 
 def test_prompt_lens_colours_by_sae_latent_and_residual_norm(home, tiny_model):

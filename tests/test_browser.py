@@ -99,6 +99,9 @@ def test_prompt_lens_types_a_prompt(home, browser_page, tiny_model_dir):
     settle(page)
     assert page.locator("span.tok").all_text_contents() == expected
     assert page.get_by_text("Next-token predictions").is_visible()
+    page.locator(".st-key-pos button").nth(2).click()  # click a token: its tables replace the last one's
+    page.get_by_text(f"token 2: {expected[2]!r}").wait_for(timeout=WAIT)
+    settle(page)
     shot(page, "prompt_lens")
     field(page, "Model").fill("no-such-model")
     field(page, "Model").press("Enter")

@@ -44,7 +44,9 @@ def test_store_equals_run_with_cache(tiny_model_dir_any, wikitext):
         diff = (store.read(site) - to_rows(site, cache[site])).abs().max().item()
         assert diff <= 1e-5, f"{site}: {diff}"
     # sites in layer 0 only: the forward pass stops early and must still match
-    _, early = _capture(tiny_model_dir_any, wikitext, sites=("blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"))
+    _, early = _capture(
+        tiny_model_dir_any, wikitext, sites=("blocks.0.mlp.hook_post", "blocks.0.hook_resid_post")
+    )
     for site in early.sites:
         assert (early.read(site) - to_rows(site, cache[site])).abs().max().item() <= 1e-5, site
 
