@@ -161,15 +161,15 @@ class _Capture:
         write_manifest(self.root, self.records)  # drop rows of shards that did not survive
         seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
         seqs = itertools.islice(seqs, self.n_done * self.cfg.shard_seqs, self.total_seqs)
+        chunks = iter(lambda: list(itertools.islice(seqs, self.cfg.shard_seqs)), [])
         pending: Future | None = None
         with ThreadPoolExecutor(max_workers=1) as writer, self._hooks_installed():
-            shard = self.n_done
-            while chunk := list(itertools.islice(seqs, self.cfg.shard_seqs)):
+            for shard, (chunk, last) in enumerate(_with_last(chunks), start=self.n_done):
                 buffers, stats = self._forward_shard(chunk)
                 if pending is not None:
                     pending.result()  # surfaces writer errors; bounds memory to two shards
-                pending = writer.submit(self._write_shard, shard, chunk, buffers, stats)
-                shard += 1
+                # the last shard's write overlaps no compute: spread its files over both cores
+                pending = writer.submit(self._write_shard, shard, chunk, buffers, stats, 2 if last else 1)
             if pending is not None:
                 pending.result()
         self.bar.close()
@@ -226,17 +226,23 @@ class _Capture:
             self.callback(self.bar.n, self.bar.total)
 
     def _write_shard(
-        self, shard: int, chunk: list[data.Sequence], buffers: dict[str, torch.Tensor], stats: dict
+        self,
+        shard: int,
+        chunk: list[data.Sequence],
+        buffers: dict[str, torch.Tensor],
+        stats: dict,
+        threads: int = 1,
     ) -> None:
         row0 = shard * self.cfg.shard_seqs * self.cfg.ctx_len
-        new = []
-        for site in self.sites:
+
+        def write(site: str) -> ShardRecord:
             acts = buffers[site]
             path = self.root / "acts" / site_dir(site) / shard_name(shard)
             size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
-            new.append(
-                ShardRecord(site, shard, row0, row0 + len(acts), size, digest, **stats[site].summary())
-            )
+            return ShardRecord(site, shard, row0, row0 + len(acts), size, digest, **stats[site].summary())
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # file I/O and sha256 release the GIL
+            new = list(pool.map(write, self.sites))
         self._write_tokens(shard, chunk)
         if not self.run["shapes"]:
             self.run["shapes"] = {s: list(buffers[s].shape[1:]) for s in self.sites}
@@ -274,6 +280,20 @@ class _Capture:
         shutil.rmtree(self.root / "tokens", ignore_errors=True)
         self.run.update(status="complete", n_rows=max(r.row_end for r in self.records), finished=time.time())
         paths.atomic_write_json(self.root / "run.json", self.run)
+
+
+def _with_last(items):
+    """(item, is_last) pairs, looking one item ahead."""
+    it = iter(items)
+    prev = next(it, _END)
+    for item in it:
+        yield prev, False
+        prev = item
+    if prev is not _END:
+        yield prev, True
+
+
+_END = object()
 
 
 class _RunningStats:
