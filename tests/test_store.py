@@ -116,3 +116,33 @@ def test_truncated_shard_gives_clear_error_and_resume_rewrites_it(tiny_model, ti
 def test_missing_store_message(tmp_path):
     with pytest.raises(StoreError, match="no activation store"):
         ActivationStore(tmp_path / "nothing")
+
+
+def test_other_threads_forward_passes_do_not_leak_into_a_capture(tiny_model_dir, wikitext):
+    """The app shares one pooled model between a running capture and e.g. the prompt lens."""
+    import threading
+
+    from workbench.models import load_model
+
+    model = load_model(str(tiny_model_dir))
+    outputs = []
+
+    def other_thread_forward(done: int, total: int) -> None:  # called between capture batches
+        t = threading.Thread(target=lambda: outputs.append(model(model.to_tokens("A prompt lens call"))))
+        t.start()
+        t.join()
+
+    cfg = CaptureConfig(
+        model=str(tiny_model_dir),
+        data=wikitext,
+        sites=("blocks.*.hook_resid_post",),
+        n_tokens=128,
+        ctx_len=32,
+        batch_size=2,
+        shard_tokens=64,
+    )
+    store = capture(cfg, model=model, progress=other_thread_forward)
+    assert len(outputs) == 2 and store.n_rows == 128
+    _, cache = model.run_with_cache(store.token_ids().reshape(-1, 32))
+    for site in store.sites:
+        assert (store.read(site) - to_rows(site, cache[site])).abs().max().item() <= 1e-5, site

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -193,6 +194,8 @@ class _Capture:
         }
 
     def _save(self, act: torch.Tensor, hook) -> None:
+        if threading.get_ident() != self._owner:
+            return  # a forward pass of another thread on the same (shared, pooled) model
         flat = sites.to_rows(hook.name, act)
         stats = self._stats.setdefault(hook.name, _RunningStats())
         stats.add(flat)  # here, while the activation is still in cache, not later from the buffer
@@ -207,7 +210,7 @@ class _Capture:
         the Bridge rebuilds its alias table on every `hook_dict` lookup (~20 ms), so adding hooks
         per batch, as `run_with_hooks` does, cost more than copying the activations."""
         hook_dict = self.model.hook_dict
-        points, self._aliases = {}, {}
+        points, self._aliases, self._owner = {}, {}, threading.get_ident()
         for site in self.sites:
             point = hook_dict[site]
             points[point.name] = point
