@@ -119,3 +119,17 @@ def test_show_json_prints_plain_fields(store):
     assert out.exit_code == 0, out.output
     fields = json.loads(out.stdout)
     assert fields["n_tokens"] == result.n_tokens and fields["table"][0]["site"] == result.table[0]["site"]
+
+
+def test_every_preset_is_a_valid_config():
+    import json
+    from pathlib import Path
+
+    from workbench import api
+
+    presets = sorted((Path(__file__).parents[1] / "data" / "presets").glob("*.json"))
+    assert len(presets) >= 3
+    for path in presets:
+        preset = json.loads(path.read_text())
+        cfg = api.make_config(preset["analysis"], **preset["config"])
+        assert all(getattr(cfg, k) == v for k, v in preset["config"].items()), path.name
