@@ -188,16 +188,24 @@ def pill_colours(key: str, values: list[float]) -> str:
     return "<style>" + "".join(rules) + "</style>"
 
 
+SHOWN_FIGURES = 2
+
+
 def show_result(key: str) -> None:
     """A cached result's summary table and plotly figures."""
     res = result(key)
     rows = res.summary()
     if rows:
         st.dataframe(rows, hide_index=True, width="stretch", height=min(35 * len(rows) + 38, 300))
+    figs = figures(key)
+    names = list(figs)
+    shown = st.pills(  # the first two drawn at once; every chart drawn costs the page ~0.1 s
+        "Figures", names, selection_mode="multi", default=names[:SHOWN_FIGURES], key=f"figs-{key[:12]}"
+    )
     cols = st.columns(2)
-    for i, fig in enumerate(figures(key).values()):
+    for i, name in enumerate(n for n in names if n in shown):
         with cols[i % 2]:
-            st.plotly_chart(fig, key=f"fig-{key[:12]}-{i}", width="stretch")
+            st.plotly_chart(figs[name], key=f"fig-{key[:12]}-{names.index(name)}", width="stretch")
 
 
 def cached_or_run(name: str, overrides: dict[str, Any], what: str) -> str | None:

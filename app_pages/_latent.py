@@ -46,6 +46,27 @@ def _numbers(d: dict, res) -> None:
     cols[3].metric("tokens scanned", f"{int(res.n_tokens):,}")
 
 
+def _quantile_samples(quantiles: list[dict], vmax: float | None, key: str) -> None:
+    """Samples from one activation interval at a time, picked from a list (drawing every
+    interval at once doubled the page's render time for little gain)."""
+    filled = [q for q in reversed(quantiles) if q["contexts"]]
+    if not filled:
+        return
+    labels = [
+        f"({q['bin_min']:.3g}, {q['bin_max']:.3g}] · {q['bin_contains']:.1%} of firings" for q in filled
+    ]
+    picked = st.selectbox(
+        "Samples from the activation interval",
+        range(len(filled)),
+        format_func=labels.__getitem__,
+        index=None,
+        placeholder="pick an interval to see random contexts from it",
+        key=f"quantile-{key}",
+    )
+    if picked is not None:
+        _contexts(filled[picked]["contexts"], vmax)
+
+
 def show(res, i: int, unit: str, on_neighbour: Callable[[int], None]) -> None:
     """Draw the dashboard of unit `i` from `res.latent(i)`; neighbour buttons call `on_neighbour(j)`."""
     n = int(res.n_latents)
@@ -61,10 +82,7 @@ def show(res, i: int, unit: str, on_neighbour: Callable[[int], None]) -> None:
         if not d["top"]:
             st.info(f"This {unit} never fired on the scanned tokens.")
         _contexts(d["top"], vmax)
-        for q in reversed(d.get("quantiles", [])):
-            if q["contexts"]:
-                with st.expander(f"samples with activation in ({q['bin_min']:.3g}, {q['bin_max']:.3g}]"):
-                    _contexts(q["contexts"], vmax)
+        _quantile_samples(d.get("quantiles", []), vmax, f"{unit}-{i}")
     with right:
         st.plotly_chart(histogram(d["hist"], i, unit), key=f"hist-{unit}-{i}", width="stretch")
         up, down = st.columns(2)

@@ -6,9 +6,10 @@
 Builds a prefilled workbench home (a small store, activation-stats, neuron dashboards, a small
 TopK SAE and its latent dashboards), starts `workbench app` on a loopback port, visits every page
 once to warm the server (imports, model in st.cache_resource, figures), then times per page:
-- load: `page.goto(url)` until network idle, the script run has ended, no skeleton placeholder is
-  left and the page's own content (table, figure, highlighted tokens) is visible (a full reload,
-  new session);
+- load: `page.goto(url)` until the page's own content (table, figure, highlighted tokens) is
+  visible, the script run has ended and no skeleton placeholder is left (a full reload, new
+  session; before 2026-11-23 17:10 this also waited for Playwright's "network idle", i.e. 500 ms
+  without requests, which inflated every load by at least 0.5 s);
 - nav: the same after clicking the page in the sidebar (what a user does; same session).
 Prints a markdown table of medians.
 """
@@ -44,11 +45,15 @@ def settle(page, selectors: list[str], timeout: float = 120_000) -> None:
     page.wait_for_function(NO_SKELETON, timeout=timeout)
     for sel in selectors:
         page.locator(sel).first.wait_for(state="visible", timeout=timeout)
+    page.wait_for_selector(READY, timeout=timeout)  # content seen and the script run over
+    page.wait_for_function(NO_SKELETON, timeout=timeout)
 
 
 def time_load(page, url: str, path: str) -> float:
+    """A full reload until the content is visible. Not `wait_until="networkidle"`: that waits for
+    500 ms without requests after the last one, which is Playwright's heuristic, not render time."""
     start = time.perf_counter()
-    page.goto(f"{url}/{path}", wait_until="networkidle")
+    page.goto(f"{url}/{path}", wait_until="commit")
     settle(page, PAGES[path][1])
     return time.perf_counter() - start
 
