@@ -164,3 +164,15 @@ def test_feature_explorer_shows_latents(home, browser_page):
     page.wait_for_function(
         f"document.querySelector('input[aria-label^=\"Latent\"]').value === '{second}'", timeout=WAIT
     )
+
+
+def test_stopping_the_app_leaves_no_server_behind(tmp_path):
+    """`workbench app` execs Streamlit, so terminating it stops the server (no orphan serving)."""
+    import socket
+    from urllib.parse import urlparse
+
+    with serve(tmp_path) as url:
+        port = urlparse(url).port
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
+import os
 import sys
 import typing
 from pathlib import Path
@@ -294,7 +294,8 @@ def app_cmd(port: int, address: str, headless: bool) -> None:
         "--browser.gatherUsageStats",
         "false",
     ]
-    sys.exit(subprocess.call(cmd))
+    # exec, not a child process: a terminated `workbench app` must not leave Streamlit serving.
+    os.execv(sys.executable, cmd)
 
 
 def main() -> None:
