@@ -2,9 +2,9 @@
 
 A source is a local `.txt` (documents separated by blank lines, else one per line), `.jsonl` (a
 `text` field), `.json` (a list of strings or of objects with `text`/`story`), `.parquet` (a `text`
-column), `hf:<dataset>[:<split>]` when online, or a comma-separated list of these, read in order. Documents are tokenized without special tokens, joined with
-EOS and cut into fixed-length sequences; with the `prepend` BOS policy each sequence starts with
-BOS. The packing is deterministic, which is what lets a killed capture resume by skipping.
+column), `hf:<dataset>[:<split>]` when online, or a comma-separated list of these, read in order.
+Documents are tokenized without special tokens, joined with EOS and cut into fixed-length
+sequences; with the `prepend` BOS policy each sequence starts with BOS. The packing is deterministic, which is what lets a killed capture resume by skipping.
 """
 
 from __future__ import annotations
