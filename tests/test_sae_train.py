@@ -105,17 +105,10 @@ def test_resume_gives_identical_next_step(store, arch, tmp_path):
 
 
 def test_train_sae_analysis_end_to_end(store):
-    res = api.run(
-        "train-sae",
-        store=str(store.root),
-        site=SITES[0],
-        arch="topk",
-        d_sae=256,
-        k=8,
-        batch_size=256,
-        steps=40,
-        lr=3e-3,
+    opts = dict(
+        store=str(store.root), site=SITES[0], arch="topk", d_sae=256, k=8, batch_size=256, steps=40, lr=3e-3
     )
+    res = api.run("train-sae", **opts)
     cfg = json.loads(Path(res.dictionary, "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["normalize_activations"] == "none"
     meta = cfg["metadata"]
@@ -127,20 +120,7 @@ def test_train_sae_analysis_end_to_end(store):
     assert res.final["l0"] == pytest.approx(8.0) and 0 < res.final["fvu"] < 1
     assert set(res.curves) >= {"loss", "l0", "fvu", "dead_frac"} and len(res.curves["step"]) == 4
     assert len(res.figures()) == 4
-    assert (
-        api.run(
-            "train-sae",
-            store=str(store.root),
-            site=SITES[0],
-            arch="topk",
-            d_sae=256,
-            k=8,
-            batch_size=256,
-            steps=40,
-            lr=3e-3,
-        ).dictionary
-        == res.dictionary
-    )
+    assert api.run("train-sae", **opts).dictionary == res.dictionary  # a cache hit, same folder
     with pytest.raises(ValueError, match="choose --site"):
         api.run("train-sae", store=str(store.root), arch="topk")
     with pytest.raises(ValueError, match="unknown arch"):
