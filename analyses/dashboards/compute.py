@@ -78,7 +78,7 @@ class CoActivation:
             cov = self.gram / self.count - torch.outer(mean, mean)
             std = cov.diagonal().clamp(min=0).sqrt()
             corr = cov / torch.outer(std, std)
-            corr[~torch.isfinite(corr) | (std[:, None] == 0)] = -torch.inf
+            corr[~torch.isfinite(corr)] = -torch.inf  # dead or constant latents: 0/0 or x/0
             corr.fill_diagonal_(-torch.inf)
             v, i = corr.topk(min(k, n - 1), dim=1)
             ok = torch.isfinite(v)
