@@ -29,6 +29,7 @@ from workbench.store import (
     ActivationStore,
     ShardRecord,
     StoreError,
+    aligned_empty,
     read_manifest,
     shard_name,
     site_dir,
@@ -146,6 +147,9 @@ class _Capture:
         self.dtype = DTYPES[cfg.dtype]
         self.records = _committed_records(root, self.sites)
         self.n_done = len({r.shard for r in self.records})
+        # Shard buffers are reused: fresh 100-MB allocations cost a page fault per 4 KB on first
+        # touch, which on this VM took as long as copying the activations in.
+        self._free_buffers: list[dict[str, torch.Tensor]] = []
         self.total_seqs = cfg.n_tokens // cfg.ctx_len
         self.callback = progress if callable(progress) else None
         self.bar = tqdm(
@@ -168,7 +172,8 @@ class _Capture:
             for shard, (chunk, last) in enumerate(_with_last(chunks), start=self.n_done):
                 buffers, stats = self._forward_shard(chunk)
                 if pending is not None:
-                    pending.result()  # surfaces writer errors; bounds memory to two shards
+                    # surfaces writer errors; bounds memory to two shards, whose buffers alternate
+                    self._free_buffers.append(pending.result())
                 # the last shard's write overlaps no compute: spread its files over both cores
                 pending = writer.submit(self._write_shard, shard, chunk, buffers, stats, 2 if last else 1)
             if pending is not None:
@@ -177,9 +182,9 @@ class _Capture:
         self._finish()
 
     def _forward_shard(self, chunk: list[data.Sequence]) -> tuple[dict[str, torch.Tensor], dict]:
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers = self._free_buffers.pop() if self._free_buffers else {}
         self._stats: dict[str, _RunningStats] = {}
-        self._rows, self._cursor = len(chunk) * self.cfg.ctx_len, 0
+        self._cursor = 0
         stop = sites.stop_layer(self.sites, self.model.cfg.n_layers)
         with torch.inference_mode():
             for b in range(0, len(chunk), self.cfg.batch_size):
@@ -201,7 +206,8 @@ class _Capture:
         stats.add(flat)  # here, while the activation is still in cache, not later from the buffer
         for name in self._aliases[hook.name]:
             if name not in self._buffers:
-                self._buffers[name] = torch.empty(self._rows, *flat.shape[1:], dtype=self.dtype)
+                rows = self.cfg.shard_seqs * self.cfg.ctx_len
+                self._buffers[name] = aligned_empty((rows, *flat.shape[1:]), self.dtype)
             self._buffers[name][self._cursor : self._cursor + len(flat)].copy_(flat)
 
     @contextmanager
@@ -235,16 +241,18 @@ class _Capture:
         buffers: dict[str, torch.Tensor],
         stats: dict,
         threads: int = 1,
-    ) -> None:
+    ) -> dict[str, torch.Tensor]:
+        """Write one shard's files, then commit it to the manifest; returns the buffers for reuse."""
         row0 = shard * self.cfg.shard_seqs * self.cfg.ctx_len
+        n_rows = len(chunk) * self.cfg.ctx_len  # the last shard may be short
 
         def write(site: str) -> ShardRecord:
-            acts = buffers[site]
+            acts = buffers[site][:n_rows]
             path = self.root / "acts" / site_dir(site) / shard_name(shard)
             size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
             return ShardRecord(site, shard, row0, row0 + len(acts), size, digest, **stats[site].summary())
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # file I/O and sha256 release the GIL
+        with ThreadPoolExecutor(max_workers=threads) as pool:  # file I/O and hashing release the GIL
             new = list(pool.map(write, self.sites))
         self._write_tokens(shard, chunk)
         if not self.run["shapes"]:
@@ -252,6 +260,7 @@ class _Capture:
             paths.atomic_write_json(self.root / "run.json", self.run)
         self.records += new
         write_manifest(self.root, self.records)  # the commit point of this shard
+        return buffers
 
     def _write_tokens(self, shard: int, chunk: list[data.Sequence]) -> None:
         seq0 = shard * self.cfg.shard_seqs

@@ -29,12 +29,25 @@ def results_dir() -> Path:
     return home() / "results"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def file_digest(path: Path, algorithm: str, chunk: int = 1 << 20) -> str:
+    digest = new_digest(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def new_digest(algorithm: str, data: bytes = b""):
+    """A hashlib-style digest; also `xxh3_128`, a fast non-cryptographic hash for bulk data."""
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128(data)
+    return hashlib.new(algorithm, data)
 
 
 def sha256_json(obj: Any) -> str:
