@@ -146,3 +146,32 @@ def test_other_threads_forward_passes_do_not_leak_into_a_capture(tiny_model_dir,
     _, cache = model.run_with_cache(store.token_ids().reshape(-1, 32))
     for site in store.sites:
         assert (store.read(site) - to_rows(site, cache[site])).abs().max().item() <= 1e-5, site
+
+
+def test_verify_finds_a_flipped_byte_also_in_sha256_manifests(tiny_model_dir, wikitext):
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    site = "blocks.0.mlp.hook_post"
+    _, store = _capture(tiny_model_dir, wikitext, sites=(site,))
+    assert store.verify() == [] and store.records(site)[0].checksum.startswith("xxh3_128:")
+    shard = store.root / "acts" / site / "shard-00001.safetensors"
+    good = shard.read_bytes()
+    bad = bytearray(good)
+    bad[-3] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(bad))
+    assert ActivationStore(store.root).verify() == [f"{site} shard 1"]
+
+    # A manifest from before the checksum column: sha256 hex digests, still verified.
+    shard.write_bytes(good)
+    rows = pq.read_table(store.root / "manifest.parquet").to_pylist()
+    for row in rows:
+        path = store.root / "acts" / row["site"] / f"shard-{row['shard']:05d}.safetensors"
+        row["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        del row["checksum"]
+    pq.write_table(pa.Table.from_pylist(rows), store.root / "manifest.parquet")
+    assert ActivationStore(store.root).verify() == []
+    shard.write_bytes(bytes(bad))
+    assert ActivationStore(store.root).verify() == [f"{site} shard 1"]

@@ -29,7 +29,6 @@ from workbench.store import (
     ActivationStore,
     ShardRecord,
     StoreError,
-    aligned_empty,
     read_manifest,
     shard_name,
     site_dir,
@@ -207,7 +206,7 @@ class _Capture:
         for name in self._aliases[hook.name]:
             if name not in self._buffers:
                 rows = self.cfg.shard_seqs * self.cfg.ctx_len
-                self._buffers[name] = aligned_empty((rows, *flat.shape[1:]), self.dtype)
+                self._buffers[name] = torch.empty(rows, *flat.shape[1:], dtype=self.dtype)
             self._buffers[name][self._cursor : self._cursor + len(flat)].copy_(flat)
 
     @contextmanager

@@ -12,11 +12,7 @@ orphans that the resume deletes. Reading checks each shard's size against the ma
 
 from __future__ import annotations
 
-import errno
 import json
-import math
-import mmap
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +39,6 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 SHARD_CHECKSUM = "xxh3_128"
 
 
-_ALIGN = 4096  # O_DIRECT wants block-aligned memory, file offsets and lengths
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised tensor whose data starts on a 4 KiB boundary, so it can be written with
-    O_DIRECT (see `write_safetensors`)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
-    start = -raw.data_ptr() % _ALIGN
-    return raw[start : start + nbytes].view(dtype).view(shape)
-
-
 def write_safetensors(
     path: Path, name: str, tensor: torch.Tensor, metadata: dict[str, str]
 ) -> tuple[int, str]:
@@ -72,60 +56,16 @@ def write_safetensors(
         "__metadata__": metadata,
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    # The format allows the header to be padded with spaces: pad it so the data starts on a
-    # block boundary (O_DIRECT below; also 8-byte aligned, as the format asks).
-    head += b" " * (-(len(head) + 8) % _ALIGN)
+    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
     prefix = len(head).to_bytes(8, "little") + head
     digest = paths.new_digest(SHARD_CHECKSUM, prefix)
     digest.update(body)
     tmp = paths.temp_path_for(path)
-    if not _write_direct(tmp, prefix, body):
-        with open(tmp, "wb") as f:
-            f.write(prefix)
-            f.write(body)
+    with open(tmp, "wb") as f:
+        f.write(prefix)
+        f.write(body)
     tmp.replace(path)
     return len(prefix) + len(body), f"{SHARD_CHECKSUM}:{digest.hexdigest()}"
-
-
-def _write_direct(tmp: Path, prefix: bytes, body: memoryview) -> bool:
-    """Write with O_DIRECT: the disk reads our memory, no copy into the page cache. That copy
-    cost ~2 s of CPU per GB on a VM, time taken from the forward pass a capture overlaps with.
-    False where the platform, filesystem (tmpfs…) or buffer alignment does not allow it."""
-    direct = getattr(os, "O_DIRECT", 0)
-    if not direct or body.nbytes < _ALIGN or _address(body) % _ALIGN:
-        return False
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | direct)
-    except OSError:
-        return False
-    try:
-        with mmap.mmap(-1, len(prefix)) as head:  # anonymous maps are page-aligned
-            head.write(prefix)
-            with memoryview(head) as view:
-                _write_all(fd, view)
-        cut = body.nbytes // _ALIGN * _ALIGN
-        _write_all(fd, body[:cut])
-        if cut < body.nbytes:  # the unaligned tail goes through the page cache
-            import fcntl  # POSIX only, like O_DIRECT
-
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
-            _write_all(fd, body[cut:])
-        return True
-    except OSError as err:
-        if err.errno == errno.EINVAL:  # the filesystem refused O_DIRECT after all
-            return False
-        raise
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data.nbytes:
-        data = data[os.write(fd, data) :]
-
-
-def _address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
 def site_dir(site: str) -> str:
