@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from workbench.capture import CaptureConfig, capture
 from workbench.data import pack
@@ -43,10 +44,33 @@ def bare_forward(model, data, args) -> float:
     return time.perf_counter() - start
 
 
+def blocks_forward(model, data, args) -> float:
+    """The forward pass through the last block only: the compute a capture of block sites needs
+    (it skips the final norm and the unembedding), so capture / this is the storage overhead."""
+    last = model.hook_dict[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+
+    def stop(act, hook):
+        raise StopAtLayerException(act)
+
+    last.add_hook(stop, level=-7002)
+    try:
+        return bare_forward(model, data, args)
+    finally:
+        last.remove_hooks("fwd", level=-7002)
+
+
 def store_capture(model, data, args) -> float:
     out = Path(tempfile.mkdtemp(prefix="bench-store-"))
-    cfg = CaptureConfig(model=args.model, sites=SITES, data=data, n_tokens=args.tokens, ctx_len=args.ctx_len,
-                        batch_size=args.batch_size, shard_tokens=args.shard_tokens, dtype=args.dtype)
+    cfg = CaptureConfig(
+        model=args.model,
+        sites=SITES,
+        data=data,
+        n_tokens=args.tokens,
+        ctx_len=args.ctx_len,
+        batch_size=args.batch_size,
+        shard_tokens=args.shard_tokens,
+        dtype=args.dtype,
+    )
     start = time.perf_counter()
     capture(cfg, model=model, out=out, progress=False)
     elapsed = time.perf_counter() - start
@@ -65,14 +89,36 @@ def run_with_cache_in_memory(model, data, args) -> float:
     return time.perf_counter() - start
 
 
-MODES = {"forward": bare_forward, "capture": store_capture, "run_with_cache": run_with_cache_in_memory}
+MODES = {
+    "forward": bare_forward,
+    "forward_blocks": blocks_forward,
+    "capture": store_capture,
+    "run_with_cache": run_with_cache_in_memory,
+}
 
 
 def peak_rss_mb(mode: str, args) -> float:
     """Peak RSS of a fresh process that loads the model and runs one mode once."""
-    cmd = [sys.executable, __file__, "--child", mode, "--tokens", str(args.tokens), "--model", args.model,
-           "--ctx-len", str(args.ctx_len), "--batch-size", str(args.batch_size), "--shard-tokens", str(args.shard_tokens),
-           "--data", args.data, "--dtype", args.dtype]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--tokens",
+        str(args.tokens),
+        "--model",
+        args.model,
+        "--ctx-len",
+        str(args.ctx_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--shard-tokens",
+        str(args.shard_tokens),
+        "--data",
+        args.data,
+        "--dtype",
+        args.dtype,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
@@ -101,17 +147,24 @@ def main() -> None:
         for mode, fn in MODES.items():
             times[mode].append(fn(model, args.data, args))
     med = {m: statistics.median(t) for m, t in times.items()}
-    print(f"model={args.model} tokens={args.tokens} ctx={args.ctx_len} batch={args.batch_size} dtype={args.dtype} "
-          f"sites={len(resolve_sites(SITES, model.hook_dict))} torch_threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} tokens={args.tokens} ctx={args.ctx_len} batch={args.batch_size} dtype={args.dtype} "
+        f"sites={len(resolve_sites(SITES, model.hook_dict))} torch_threads={torch.get_num_threads()}"
+    )
     for mode in MODES:
-        print(f"{mode:>15}: median {med[mode]:.2f}s  ({args.tokens / med[mode]:.0f} tok/s)  runs {[round(t, 2) for t in times[mode]]}")
+        print(
+            f"{mode:>15}: median {med[mode]:.2f}s  ({args.tokens / med[mode]:.0f} tok/s)  runs {[round(t, 2) for t in times[mode]]}"
+        )
     print(f"capture / forward = {med['capture'] / med['forward']:.3f}")
+    print(f"capture / forward through the blocks only = {med['capture'] / med['forward_blocks']:.3f}")
     print(f"run_with_cache / forward = {med['run_with_cache'] / med['forward']:.3f}")
     if args.memory:  # flat in the token budget: compare N and 2N tokens per mode
-        for mode in MODES:
+        for mode in ("forward", "capture", "run_with_cache"):
             small = peak_rss_mb(mode, args)
             big = peak_rss_mb(mode, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
-            print(f"peak RSS {mode:>15}: {small:.0f} MB at {args.tokens} tokens, {big:.0f} MB at {2 * args.tokens} tokens")
+            print(
+                f"peak RSS {mode:>15}: {small:.0f} MB at {args.tokens} tokens, {big:.0f} MB at {2 * args.tokens} tokens"
+            )
 
 
 if __name__ == "__main__":

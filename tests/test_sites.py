@@ -1,6 +1,6 @@
 import pytest
 
-from workbench.sites import UnknownSiteError, resolve_sites, stop_layer, to_rows
+from workbench.sites import UnknownSiteError, resolve_sites, to_rows
 
 NAMES = [
     "hook_embed",
@@ -43,13 +43,10 @@ def test_unknown_site_lists_valid_names():
     assert "blocks.*.mlp.hook_post" in str(err.value) and "hook_embed" in str(err.value)
 
 
-def test_to_rows_and_stop_layer():
+def test_to_rows():
     import torch
 
     pattern = torch.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4)  # [batch, head, q, k]
     rows = to_rows("blocks.0.attn.hook_pattern", pattern)
     assert rows.shape == (8, 3, 4) and torch.equal(rows[1], pattern[0, :, 1, :])
     assert to_rows("blocks.0.mlp.hook_post", torch.zeros(2, 5, 7)).shape == (10, 7)
-    assert stop_layer(["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"], 4) == 2
-    assert stop_layer(["blocks.3.mlp.hook_post"], 4) is None
-    assert stop_layer(["hook_embed"], 4) is None

@@ -51,6 +51,42 @@ def test_store_equals_run_with_cache(tiny_model_dir_any, wikitext):
         assert (early.read(site) - to_rows(site, cache[site])).abs().max().item() <= 1e-5, site
 
 
+def test_forward_pass_stops_after_the_last_captured_site(tiny_model_dir_any, wikitext):
+    from workbench.models import load_model
+
+    model = load_model(str(tiny_model_dir_any))
+    reached: list[str] = []
+    for probe in ("blocks.1.hook_resid_pre", "ln_final.hook_normalized", "unembed.hook_out"):
+        model.hook_dict[probe].add_hook(lambda act, hook, name=probe: reached.append(name), level=-1)
+    try:
+        for sites, expected in [
+            (("blocks.0.mlp.hook_post",), []),  # only block 0 runs
+            (("blocks.*.hook_resid_post",), ["blocks.1.hook_resid_pre"]),  # no final norm, no logits
+            (
+                ("blocks.0.hook_resid_post", "unembed.hook_out"),
+                ["blocks.1.hook_resid_pre", "ln_final.hook_normalized", "unembed.hook_out"],
+            ),
+        ]:
+            reached.clear()
+            cfg = CaptureConfig(
+                model=str(tiny_model_dir_any),
+                sites=sites,
+                data=wikitext,
+                n_tokens=64,
+                ctx_len=32,
+                batch_size=2,
+            )
+            store = capture(cfg, model=model, progress=False)
+            assert sorted(set(reached)) == sorted(expected), sites
+            assert store.complete and store.n_rows == 64
+        reached.clear()
+        assert model(torch.tensor([[1, 2, 3]])).shape[-1] == model.cfg.d_vocab  # the model is unharmed
+        assert "unembed.hook_out" in reached
+    finally:
+        for probe in ("blocks.1.hook_resid_pre", "ln_final.hook_normalized", "unembed.hook_out"):
+            model.hook_dict[probe].remove_hooks("fwd", level=-1)
+
+
 def test_token_table_and_bos_policy(tiny_model, tiny_model_dir, wikitext):
     _, store = _capture(tiny_model_dir, wikitext, sites=("blocks.0.mlp.hook_post",))
     table = store.tokens().to_pydict()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from workbench import data, paths, sites
 from workbench.models import DEFAULT_MODEL
@@ -35,6 +36,11 @@ from workbench.store import (
     write_manifest,
     write_safetensors,
 )
+
+
+class _AllSitesCaptured(StopAtLayerException):
+    """Raised by the capture hook once every site of the batch is stored."""
+
 
 _HOOK_LEVEL = -7001  # tags the capture's hooks so removing them leaves everyone else's alone
 DEFAULT_SITES = ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post")
@@ -146,9 +152,10 @@ class _Capture:
         self.dtype = DTYPES[cfg.dtype]
         self.records = _committed_records(root, self.sites)
         self.n_done = len({r.shard for r in self.records})
-        # Shard buffers are reused: fresh 100-MB allocations cost a page fault per 4 KB on first
-        # touch, which on this VM took as long as copying the activations in.
-        self._free_buffers: list[dict[str, torch.Tensor]] = []
+        # Written buffers are reused (by row shape): a fresh allocation costs a page fault per
+        # 4 KB on first touch, which on a VM took as long as copying the activations in.
+        self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._row_shapes: dict[str, list[int]] = {}
         self.total_seqs = cfg.n_tokens // cfg.ctx_len
         self.callback = progress if callable(progress) else None
         self.bar = tqdm(
@@ -161,41 +168,42 @@ class _Capture:
         )
 
     def go(self) -> None:
+        """Forward shard after shard. A site's file is queued for the writer thread as soon as
+        the shard's last batch passes its hook, so the writes overlap the rest of the forward pass
+        (even in the last shard); the shard is committed once all its files are written."""
         _remove_orphans(self.root, self.sites, self.n_done)
         write_manifest(self.root, self.records)  # drop rows of shards that did not survive
         seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
         seqs = itertools.islice(seqs, self.n_done * self.cfg.shard_seqs, self.total_seqs)
         chunks = iter(lambda: list(itertools.islice(seqs, self.cfg.shard_seqs)), [])
         pending: Future | None = None
-        with ThreadPoolExecutor(max_workers=1) as writer, self._hooks_installed():
-            for shard, (chunk, last) in enumerate(_with_last(chunks), start=self.n_done):
-                buffers, stats = self._forward_shard(chunk)
+        with ThreadPoolExecutor(max_workers=1) as self._writer, self._hooks_installed():
+            for shard, chunk in enumerate(chunks, start=self.n_done):
+                files = self._forward_shard(shard, chunk)
+                commit = self._writer.submit(self._commit_shard, shard, chunk, files)  # after the files
                 if pending is not None:
-                    # surfaces writer errors; bounds memory to two shards, whose buffers alternate
-                    self._free_buffers.append(pending.result())
-                # the last shard's write overlaps no compute: spread its files over both cores
-                pending = writer.submit(self._write_shard, shard, chunk, buffers, stats, 2 if last else 1)
+                    pending.result()  # surfaces writer errors; at most two shards in memory
+                pending = commit
             if pending is not None:
                 pending.result()
         self.bar.close()
         self._finish()
 
-    def _forward_shard(self, chunk: list[data.Sequence]) -> tuple[dict[str, torch.Tensor], dict]:
-        self._buffers = self._free_buffers.pop() if self._free_buffers else {}
+    def _forward_shard(self, shard: int, chunk: list[data.Sequence]) -> list[Future]:
+        self._shard, self._rows, self._cursor = shard, len(chunk) * self.cfg.ctx_len, 0
+        self._buffers: dict[str, torch.Tensor] = {}
         self._stats: dict[str, _RunningStats] = {}
-        self._cursor = 0
-        stop = sites.stop_layer(self.sites, self.model.cfg.n_layers)
+        self._files: list[Future] = []
         with torch.inference_mode():
             for b in range(0, len(chunk), self.cfg.batch_size):
                 batch = torch.tensor(
                     [s.tokens for s in chunk[b : b + self.cfg.batch_size]], device=self.model.cfg.device
                 )
-                self.model(batch, return_type=None, stop_at_layer=stop)
+                self._fired: set[str] = set()
+                self.model(batch, return_type=None)  # returns early once every site is captured
                 self._cursor += batch.numel()
                 self._tick(batch.numel())
-        return self._buffers, {
-            site: self._stats[point] for point, names in self._aliases.items() for site in names
-        }
+        return self._files
 
     def _save(self, act: torch.Tensor, hook) -> None:
         if threading.get_ident() != self._owner:
@@ -203,11 +211,27 @@ class _Capture:
         flat = sites.to_rows(hook.name, act)
         stats = self._stats.setdefault(hook.name, _RunningStats())
         stats.add(flat)  # here, while the activation is still in cache, not later from the buffer
-        for name in self._aliases[hook.name]:
-            if name not in self._buffers:
-                rows = self.cfg.shard_seqs * self.cfg.ctx_len
-                self._buffers[name] = torch.empty(rows, *flat.shape[1:], dtype=self.dtype)
-            self._buffers[name][self._cursor : self._cursor + len(flat)].copy_(flat)
+        buffer = self._buffers.get(hook.name)
+        if buffer is None:
+            buffer = self._buffers[hook.name] = self._take_buffer(tuple(flat.shape[1:]))
+        end = self._cursor + len(flat)
+        buffer[self._cursor : end].copy_(flat)
+        if end == self._rows:  # complete for this shard: write it while the model runs on
+            self._files.append(
+                self._writer.submit(self._write_point, self._shard, hook.name, buffer, end, stats)
+            )
+        self._fired.add(hook.name)
+        if len(self._fired) == len(self._aliases):
+            # Nothing after this point is stored: skip the rest of the forward pass (for block
+            # sites, the final norm and the unembedding: ~20 % of smollm2-135m's FLOPs). The
+            # Bridge catches its own stop exception and returns.
+            raise _AllSitesCaptured(act)
+
+    def _take_buffer(self, row_shape: tuple[int, ...]) -> torch.Tensor:
+        free = self._free.get(row_shape)
+        if free:
+            return free.pop()  # list.pop/append are atomic: the writer thread returns buffers
+        return torch.empty(self.cfg.shard_seqs * self.cfg.ctx_len, *row_shape, dtype=self.dtype)
 
     @contextmanager
     def _hooks_installed(self):
@@ -233,33 +257,31 @@ class _Capture:
         if self.callback:
             self.callback(self.bar.n, self.bar.total)
 
-    def _write_shard(
-        self,
-        shard: int,
-        chunk: list[data.Sequence],
-        buffers: dict[str, torch.Tensor],
-        stats: dict,
-        threads: int = 1,
-    ) -> dict[str, torch.Tensor]:
-        """Write one shard's files, then commit it to the manifest; returns the buffers for reuse."""
+    def _write_point(
+        self, shard: int, point: str, buffer: torch.Tensor, rows: int, stats: _RunningStats
+    ) -> list[ShardRecord]:
+        """Write one hook point's shard file (one per alias name); the buffer is free again after."""
         row0 = shard * self.cfg.shard_seqs * self.cfg.ctx_len
-        n_rows = len(chunk) * self.cfg.ctx_len  # the last shard may be short
-
-        def write(site: str) -> ShardRecord:
-            acts = buffers[site][:n_rows]
+        acts, summary, records = buffer[:rows], stats.summary(), []
+        for site in self._aliases[point]:
             path = self.root / "acts" / site_dir(site) / shard_name(shard)
             size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
-            return ShardRecord(site, shard, row0, row0 + len(acts), size, digest, **stats[site].summary())
+            records.append(ShardRecord(site, shard, row0, row0 + rows, size, digest, **summary))
+            self._row_shapes[site] = list(acts.shape[1:])
+        self._free.setdefault(tuple(buffer.shape[1:]), []).append(buffer)
+        return records
 
-        with ThreadPoolExecutor(max_workers=threads) as pool:  # file I/O and hashing release the GIL
-            new = list(pool.map(write, self.sites))
+    def _commit_shard(self, shard: int, chunk: list[data.Sequence], files: list[Future]) -> None:
+        """Runs after the shard's file writes (the writer is one FIFO thread)."""
+        new = {r.site: r for f in files for r in f.result()}
+        if missing := [s for s in self.sites if s not in new]:
+            raise StoreError(f"the forward pass never reached {missing[:3]}; these sites cannot be captured")
         self._write_tokens(shard, chunk)
         if not self.run["shapes"]:
-            self.run["shapes"] = {s: list(buffers[s].shape[1:]) for s in self.sites}
+            self.run["shapes"] = {s: self._row_shapes[s] for s in self.sites}
             paths.atomic_write_json(self.root / "run.json", self.run)
-        self.records += new
+        self.records += [new[s] for s in self.sites]
         write_manifest(self.root, self.records)  # the commit point of this shard
-        return buffers
 
     def _write_tokens(self, shard: int, chunk: list[data.Sequence]) -> None:
         seq0 = shard * self.cfg.shard_seqs
@@ -291,20 +313,6 @@ class _Capture:
         shutil.rmtree(self.root / "tokens", ignore_errors=True)
         self.run.update(status="complete", n_rows=max(r.row_end for r in self.records), finished=time.time())
         paths.atomic_write_json(self.root / "run.json", self.run)
-
-
-def _with_last(items):
-    """(item, is_last) pairs, looking one item ahead."""
-    it = iter(items)
-    prev = next(it, _END)
-    for item in it:
-        yield prev, False
-        prev = item
-    if prev is not _END:
-        yield prev, True
-
-
-_END = object()
 
 
 class _RunningStats:

@@ -87,12 +87,3 @@ def to_rows(site: str, act: torch.Tensor) -> torch.Tensor:
     if site.endswith(_HEAD_MAJOR) and act.ndim == 4:
         act = act.permute(0, 2, 1, 3)
     return act.reshape(act.shape[0] * act.shape[1], *act.shape[2:])
-
-
-def stop_layer(sites: Sequence[str], n_layers: int) -> int | None:
-    """First layer the forward pass may skip (all sites live in earlier blocks), else None."""
-    layers = [layer_of(s) for s in sites]
-    if any(layer is None for layer in layers):
-        return None
-    last = max(layers) + 1
-    return last if last < n_layers else None
