@@ -37,6 +37,9 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 # ~0.05 s per GB where sha256 cost 0.7 s, taken from the forward pass a capture overlaps with.
 # Stored as "<algorithm>:<hex>"; manifests written before carry sha256.
 SHARD_CHECKSUM = "xxh3_128"
+# Written in 1 MiB pieces: one multi-MB write() cost the kernel 1.4 s of CPU per GB on a VM,
+# 1 MiB pieces 0.5 s (same bytes, same files; measured with 2.4- and 6-MB shard files).
+_WRITE_CHUNK = 1 << 20
 
 
 def write_safetensors(
@@ -63,7 +66,8 @@ def write_safetensors(
     tmp = paths.temp_path_for(path)
     with open(tmp, "wb") as f:
         f.write(prefix)
-        f.write(body)
+        for start in range(0, len(body), _WRITE_CHUNK):
+            f.write(body[start : start + _WRITE_CHUNK])
     tmp.replace(path)
     return len(prefix) + len(body), f"{SHARD_CHECKSUM}:{digest.hexdigest()}"
 
