@@ -25,6 +25,7 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from workbench import data, paths, sites
 from workbench.models import DEFAULT_MODEL
+from workbench.shard_files import aligned_empty, write_safetensors
 from workbench.store import (
     DTYPES,
     ActivationStore,
@@ -34,7 +35,6 @@ from workbench.store import (
     shard_name,
     site_dir,
     write_manifest,
-    write_safetensors,
 )
 
 
@@ -231,7 +231,7 @@ class _Capture:
         free = self._free.get(row_shape)
         if free:
             return free.pop()  # list.pop/append are atomic: the writer thread returns buffers
-        return torch.empty(self.cfg.shard_seqs * self.cfg.ctx_len, *row_shape, dtype=self.dtype)
+        return aligned_empty((self.cfg.shard_seqs * self.cfg.ctx_len, *row_shape), self.dtype)  # O_DIRECT
 
     @contextmanager
     def _hooks_installed(self):

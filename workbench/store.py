@@ -32,46 +32,6 @@ class StoreError(RuntimeError):
     """A store that is missing, incomplete or damaged; the message names the file and the fix."""
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-# Shard checksums guard against corruption, not tampering: a 128-bit xxh3 is enough and costs
-# ~0.05 s per GB where sha256 cost 0.7 s, taken from the forward pass a capture overlaps with.
-# Stored as "<algorithm>:<hex>"; manifests written before carry sha256.
-SHARD_CHECKSUM = "xxh3_128"
-# Written in 1 MiB pieces: one multi-MB write() cost the kernel 1.4 s of CPU per GB on a VM,
-# 1 MiB pieces 0.5 s (same bytes, same files; measured with 2.4- and 6-MB shard files).
-_WRITE_CHUNK = 1 << 20
-
-
-def write_safetensors(
-    path: Path, name: str, tensor: torch.Tensor, metadata: dict[str, str]
-) -> tuple[int, str]:
-    """Write one tensor in the safetensors format straight from its memory (no serialised copy),
-    via a temp file + rename; returns (bytes written, "<algorithm>:<hex>" checksum of the file)."""
-    tensor = tensor.contiguous()
-    raw = tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor  # numpy has no bf16
-    body = memoryview(raw.numpy()).cast("B")
-    header = {
-        name: {
-            "dtype": _ST_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [0, len(body)],
-        },
-        "__metadata__": metadata,
-    }
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
-    prefix = len(head).to_bytes(8, "little") + head
-    digest = paths.new_digest(SHARD_CHECKSUM, prefix)
-    digest.update(body)
-    tmp = paths.temp_path_for(path)
-    with open(tmp, "wb") as f:
-        f.write(prefix)
-        for start in range(0, len(body), _WRITE_CHUNK):
-            f.write(body[start : start + _WRITE_CHUNK])
-    tmp.replace(path)
-    return len(prefix) + len(body), f"{SHARD_CHECKSUM}:{digest.hexdigest()}"
-
-
 def site_dir(site: str) -> str:
     return site  # TL names are already safe folder names (letters, digits, dots, underscores)
 
