@@ -97,8 +97,9 @@ MODES = {
 }
 
 
-def peak_rss_mb(mode: str, args) -> float:
-    """Peak RSS of a fresh process that loads the model and runs one mode once."""
+def peak_rss_mb(mode: str, args) -> dict[str, float]:
+    """Peak RSS of a fresh process that loads the model and runs one mode once: overall, and the
+    peak while the mode ran above the RSS it started from (the model loaded)."""
     cmd = [
         sys.executable,
         __file__,
@@ -120,7 +121,18 @@ def peak_rss_mb(mode: str, args) -> float:
         args.dtype,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _reset_peak_rss() -> float:
+    """Linux: restart the high-water mark at the current RSS (clear_refs 5); returns that RSS in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_mb("VmRSS")
+
+
+def _status_mb(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def main() -> None:
@@ -138,8 +150,10 @@ def main() -> None:
     args = parser.parse_args()
     model = load_model(args.model)
     if args.child:
+        start = _reset_peak_rss()
         MODES[args.child](model, args.data, args)
-        print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"peak_rss_mb": peak, "added_mb": _status_mb("VmHWM") - start}))
         return
     bare_forward(model, args.data, args)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in MODES}
@@ -163,7 +177,9 @@ def main() -> None:
             small = peak_rss_mb(mode, args)
             big = peak_rss_mb(mode, argparse.Namespace(**{**vars(args), "tokens": 2 * args.tokens}))
             print(
-                f"peak RSS {mode:>15}: {small:.0f} MB at {args.tokens} tokens, {big:.0f} MB at {2 * args.tokens} tokens"
+                f"peak RSS {mode:>15}: {small['peak_rss_mb']:.0f} MB at {args.tokens} tokens, "
+                f"{big['peak_rss_mb']:.0f} MB at {2 * args.tokens} tokens; while running, above the "
+                f"loaded model: +{small['added_mb']:.0f} MB, +{big['added_mb']:.0f} MB"
             )
 
 
