@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sae import metrics as M
+from workbench.sae import metrics as M
 from workbench.analysis import Result, register
 from workbench.context import Context
 from workbench.sites import layer_of
@@ -29,7 +29,7 @@ from workbench.sites import layer_of
 def load_dictionary(spec: str):
     """A SAELens SAE/Transcoder: `sae.io.load_dictionary` (folder, saved name or release/id), else a folder."""
     try:
-        from sae.io import load_dictionary as load
+        from workbench.sae.io import load_dictionary as load
     except ImportError:  # sae.io not installed alongside: plain SAELens folders only
         from sae_lens import SAE
 

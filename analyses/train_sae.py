@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sae.archs import ARCHS, ArchSpec, build
-from sae.data import StoreStream, mean_norm, sample_rows
-from sae.io import dictionaries_dir, load_dictionary, save_dictionary
-from sae.train import LoopConfig, train
+from workbench.sae.archs import ARCHS, ArchSpec, build
+from workbench.sae.data import StoreStream, mean_norm, sample_rows
+from workbench.sae.io import dictionaries_dir, load_dictionary, save_dictionary
+from workbench.sae.train import LoopConfig, train
 from workbench.analysis import Result, register
 from workbench.capture import CaptureConfig
 from workbench.context import Context

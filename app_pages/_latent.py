@@ -12,7 +12,7 @@ from collections.abc import Callable
 import plotly.graph_objects as go
 import streamlit as st
 
-from app_pages import _common as ui
+from workbench.app_pages import _common as ui
 
 
 def histogram(hist: dict, i: int, unit: str) -> go.Figure:

@@ -5,7 +5,7 @@ import time
 
 import streamlit as st
 
-from app_pages import _common as ui
+from workbench.app_pages import _common as ui
 from workbench import api
 
 st.title("Analyses")

@@ -3,8 +3,8 @@ by top tokens) -> latent page with the dashboard data (the `dashboards` analysis
 
 import streamlit as st
 
-from app_pages import _common as ui
-from app_pages import _latent
+from workbench.app_pages import _common as ui
+from workbench.app_pages import _latent
 from workbench import api
 
 st.title("Feature explorer")

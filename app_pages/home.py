@@ -4,7 +4,7 @@ import time
 
 import streamlit as st
 
-from app_pages._common import guard
+from workbench.app_pages._common import guard
 from workbench import api
 
 st.title("Mechanistic interpretability workbench")

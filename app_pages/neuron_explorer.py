@@ -4,8 +4,8 @@ the cached `dashboards` analysis over the store's MLP activations (computed on r
 
 import streamlit as st
 
-from app_pages import _common as ui
-from app_pages import _latent
+from workbench.app_pages import _common as ui
+from workbench.app_pages import _latent
 from workbench import api
 
 st.title("Neuron explorer")

@@ -4,7 +4,7 @@ next-token predictions. One cached forward pass per (model, text, layer, diction
 
 import streamlit as st
 
-from app_pages import _common as ui
+from workbench.app_pages import _common as ui
 from workbench import api
 
 DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve  # noqa: E402
+from workbench.app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve  # noqa: E402
 
 READY = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 NO_SKELETON = "!document.querySelector('[data-testid=\"stSkeleton\"]')"

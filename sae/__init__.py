@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-from sae.topafa import TopAFASAE, TopAFASAEConfig, TopAFATrainingSAE, TopAFATrainingSAEConfig
-from sae.transcoder import TranscoderTrainingSAE, TranscoderTrainingSAEConfig
+from workbench.sae.topafa import TopAFASAE, TopAFASAEConfig, TopAFATrainingSAE, TopAFATrainingSAEConfig
+from workbench.sae.transcoder import TranscoderTrainingSAE, TranscoderTrainingSAEConfig
 
 
 def _register() -> None:

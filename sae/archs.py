@@ -26,8 +26,8 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata, TrainingSAEConfig
 
-from sae.topafa import TopAFATrainingSAEConfig
-from sae.transcoder import TranscoderTrainingSAEConfig
+from workbench.sae.topafa import TopAFATrainingSAEConfig
+from workbench.sae.transcoder import TranscoderTrainingSAEConfig
 
 ARCHS = ("standard", "topk", "batchtopk", "jumprelu", "mp", "transcoder", "top_afa")
 

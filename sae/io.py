@@ -15,7 +15,7 @@ from typing import Any
 
 from sae_lens import SAE, TrainingSAE
 
-import sae as _registers  # noqa: F401  (registers top_afa and the transcoder training class)
+from workbench import sae as _registers  # noqa: F401  (registers top_afa and the transcoder training class)
 from workbench import paths
 
 CFG_FILE = "cfg.json"

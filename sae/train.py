@@ -29,8 +29,8 @@ from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sae.archs import post_step
-from sae.data import StoreStream
+from workbench.sae.archs import post_step
+from workbench.sae.data import StoreStream
 
 CURVES = ("step", "tokens", "loss", "mse", "l0", "fvu", "dead_frac", "lr")
 

@@ -30,7 +30,7 @@ def home(tmp_path_factory, tiny_model_dir):
     old = os.environ.get("WORKBENCH_HOME")
     os.environ["WORKBENCH_HOME"] = str(root)
     try:
-        from app_pages._demo import prefill
+        from workbench.app_pages._demo import prefill
         from workbench import api
 
         filled = prefill(str(tiny_model_dir), n_tokens=384, ctx_len=32)
@@ -335,7 +335,7 @@ def test_config_fields_and_lens_errors(tiny_model, tmp_path):
 
 def test_background_job_reports_progress_and_errors(home):
     """The thread behind the Run button: progress callbacks arrive, failures become messages."""
-    from app_pages import _common as ui
+    from workbench.app_pages import _common as ui
 
     jid = ui.start_job("activation-stats", {"store": home["store"], "fire_threshold": 0.125})
     assert ui.start_job("activation-stats", {"store": home["store"], "fire_threshold": 0.125}) == jid

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve
+from workbench.app_pages._demo import CHROMIUM, CHROMIUM_ARGS, prefill, serve
 
 pytestmark = [
     pytest.mark.browser,

@@ -40,7 +40,7 @@ def _run(store, **kw):
 @pytest.fixture(scope="module")
 def neurons(store):
     """Neuron dashboards of the whole site, computed once for the module (outside the cache)."""
-    from analyses.dashboards import DashboardConfig, run
+    from workbench.analyses.dashboards import DashboardConfig, run
     from workbench.context import Context
 
     cfg = DashboardConfig(
@@ -177,7 +177,7 @@ def test_identity_dictionary_reproduces_neuron_dashboards(store, neurons, tmp_pa
 
 
 def test_neuronpedia_export_round_trip(neurons, tmp_path):
-    from analyses.dashboards import export_neuronpedia
+    from workbench.analyses.dashboards import export_neuronpedia
 
     path = export_neuronpedia(neurons, tmp_path / "batch-0.json", latents=[0, 5])
     batch = json.loads(path.read_text())

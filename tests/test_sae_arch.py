@@ -14,10 +14,10 @@ import pytest
 import torch
 from sae_lens import SAE
 
-from sae.archs import ARCHS, ArchError, ArchSpec, build
-from sae.io import DictionaryError, load_dictionary, save_dictionary
-from sae.topafa import afa_select
-from sae.train import LoopConfig, train
+from workbench.sae.archs import ARCHS, ArchError, ArchSpec, build
+from workbench.sae.io import DictionaryError, load_dictionary, save_dictionary
+from workbench.sae.topafa import afa_select
+from workbench.sae.train import LoopConfig, train
 
 D_IN, N_FEAT, D_SAE, P_ACTIVE, BATCH = 64, 48, 64, 0.06, 256
 

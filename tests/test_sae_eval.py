@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sae import metrics as M
+from workbench.sae import metrics as M
 
 SITE = "blocks.0.hook_resid_post"
 TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
@@ -255,8 +255,8 @@ def test_cache_round_trip_and_clear_errors(store, tmp_path):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "mp", "top_afa"])
 def test_every_architecture_evaluates_like_a_direct_forward(arch, store, tmp_path):
     """Our dictionaries (sae.archs, saved by sae.io) through sae-eval = a direct encode/decode."""
-    archs = pytest.importorskip("sae.archs")
-    io = pytest.importorskip("sae.io")
+    archs = pytest.importorskip("workbench.sae.archs")
+    io = pytest.importorskip("workbench.sae.io")
     from workbench import api
 
     d = store.shape(SITE)[0]

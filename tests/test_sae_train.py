@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.archs import ArchSpec, build
-from sae.data import StoreStream
-from sae.io import load_dictionary
-from sae.train import LoopConfig, train
+from workbench.sae.archs import ArchSpec, build
+from workbench.sae.data import StoreStream
+from workbench.sae.io import load_dictionary
+from workbench.sae.train import LoopConfig, train
 from workbench import api
 
 LAYER = 1

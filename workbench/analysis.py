@@ -117,9 +117,9 @@ def discover() -> None:
         return
     _discovered = True
     try:
-        package = importlib.import_module("analyses")
+        package = importlib.import_module("workbench.analyses")
         for mod in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"analyses.{mod.name}")
+            importlib.import_module(f"workbench.analyses.{mod.name}")
     except ModuleNotFoundError:
         log.warning("no 'analyses' package found")
     for ep in entry_points(group="workbench.analyses"):

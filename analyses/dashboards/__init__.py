@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analyses.dashboards.compute import (
+from workbench.analyses.dashboards.compute import (
     N_BINS,
     Latents,
     directions,
@@ -32,8 +32,8 @@ from analyses.dashboards.compute import (
     store_batches,
     windows,
 )
-from analyses.dashboards.result import DashboardResult, export_neuronpedia
-from analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
+from workbench.analyses.dashboards.result import DashboardResult, export_neuronpedia
+from workbench.analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
 from workbench.analysis import register
 from workbench.context import Context
 

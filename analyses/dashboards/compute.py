@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from analyses.sae_eval import dictionary_sites
-from sae.metrics import nearest_by_cosine
+from workbench.analyses.sae_eval import dictionary_sites
+from workbench.sae.metrics import nearest_by_cosine
 from workbench.context import Context
 from workbench.sites import layer_of
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from analyses.sparsity.cett import TailCurves, pplp_search
-from analyses.sparsity.held import HeldEval, held_tokens
-from analyses.sparsity.measure import DEFINITIONS, POST, calibration_rows, firing_rates, mlp_layers, read_rows
-from analyses.sparsity.result import SparsityResult
-from analyses.sparsity.topk import SCORES, topk_sweep
+from workbench.analyses.sparsity.cett import TailCurves, pplp_search
+from workbench.analyses.sparsity.held import HeldEval, held_tokens
+from workbench.analyses.sparsity.measure import DEFINITIONS, POST, calibration_rows, firing_rates, mlp_layers, read_rows
+from workbench.analyses.sparsity.result import SparsityResult
+from workbench.analyses.sparsity.topk import SCORES, topk_sweep
 from workbench.analysis import register
 from workbench.capture import CaptureConfig
 from workbench.context import Context

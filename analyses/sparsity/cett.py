@@ -19,7 +19,7 @@ import math
 import torch
 from jaxtyping import Float
 
-from analyses.sparsity.held import Counter, HeldEval
+from workbench.analyses.sparsity.held import Counter, HeldEval
 
 POST = "blocks.{}.mlp.hook_post"
 

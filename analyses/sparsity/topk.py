@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from analyses.sparsity.held import Counter, HeldEval
+from workbench.analyses.sparsity.held import Counter, HeldEval
 
 POST = "blocks.{}.mlp.hook_post"
 SCORES = ("abs", "weighted")
