@@ -9,7 +9,7 @@ shard in float64 accumulators, so memory is one shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,23 +17,24 @@ from workbench.analysis import Result, register
 from workbench.capture import CaptureConfig
 from workbench.context import Context
 from workbench.data import default_source
+from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 from workbench.sites import layer_of
 
 
 @dataclass(frozen=True)
 class StatsConfig:
-    store: str = ""
+    store: str = input_field("store")
     """Path of an existing activation store; empty = capture one from the fields below."""
-    model: str = DEFAULT_MODEL
+    model: str = captured(DEFAULT_MODEL, kind="model")
     """Model to capture from when no store is given."""
-    sites: str = "blocks.*.mlp.hook_post,blocks.*.hook_resid_post"
+    sites: str = captured("blocks.*.mlp.hook_post,blocks.*.hook_resid_post")
     """Comma-separated hook names or globs to capture when no store is given."""
-    data: str = field(default_factory=default_source)
+    data: str = captured(default_factory=default_source, kind="data")
     """Text source to capture from when no store is given."""
-    n_tokens: int = 2048
+    n_tokens: int = captured(2048)
     """Token budget of the capture when no store is given."""
-    ctx_len: int = 128
+    ctx_len: int = captured(128)
     """Context length of the capture when no store is given."""
     fire_threshold: float = 0.0
     """A neuron 'fires' on a token when its activation exceeds this."""

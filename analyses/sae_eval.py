@@ -23,6 +23,7 @@ import torch
 from workbench.sae import metrics as M
 from workbench.analysis import Result, register
 from workbench.context import Context
+from workbench.inputs import input_field
 from workbench.sites import layer_of
 
 
@@ -64,11 +65,11 @@ def dictionary_sites(sae) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class SaeEvalConfig:
-    dictionary: str = ""
+    dictionary: str = input_field("dictionary")
     """Dictionary folder(s) (SAELens cfg.json + safetensors), comma-separated for one row each."""
-    store: str = ""
+    store: str = input_field("store")
     """Activation store holding the dictionary's site(s) (a transcoder needs input and output sites)."""
-    model: str = ""
+    model: str = input_field("model")
     """Model for the spliced CE/KL; empty = the store's model (and its weight processing)."""
     n_tokens: int = 8192
     """Stored tokens used for L0/FVU/density/AFA."""

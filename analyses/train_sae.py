@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -28,13 +28,14 @@ from workbench.analysis import Result, register
 from workbench.capture import CaptureConfig
 from workbench.context import Context
 from workbench.data import default_source
+from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 from workbench.store import ActivationStore
 
 
 @dataclass(frozen=True)
 class TrainSAEConfig:
-    store: str = ""
+    store: str = input_field("store")
     """Activation store to train from; empty = capture one (model, data, capture_tokens below)."""
     site: str = ""
     """Input hook name; empty = the store's only site (transcoder: its ln2.hook_normalized site), or the middle layer when capturing."""
@@ -86,15 +87,15 @@ class TrainSAEConfig:
     """Steps between checkpoints (resume after a kill)."""
     eval_tokens: int = 8192
     """Stored rows used for the final L0/FVU of the saved dictionary."""
-    model: str = DEFAULT_MODEL
+    model: str = captured(DEFAULT_MODEL, kind="model")
     """Model to capture from when no store is given."""
-    data: str = field(default_factory=default_source)
+    data: str = captured(default_factory=default_source, kind="data")
     """Text to capture from when no store is given."""
-    capture_tokens: int = 16384
+    capture_tokens: int = captured(16384, key="n_tokens")
     """Tokens to capture when no store is given."""
-    ctx_len: int = 128
+    ctx_len: int = captured(128)
     """Context length of the capture when no store is given."""
-    capture_dtype: str = "float32"
+    capture_dtype: str = captured("float32", key="dtype")
     """Storage dtype of the capture when no store is given (float16 halves disk and reads)."""
 
 

@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from workbench import analysis, data, models, paths
+from workbench import analysis, inputs, models, paths
 from workbench.cache import CorruptEntryError, Entry, ResultsCache
 from workbench.capture import CaptureConfig
 from workbench.capture import capture as _capture
@@ -74,42 +74,20 @@ def make_config(name: str, cfg: Any = None, **overrides: Any) -> Any:
 
 
 def input_fingerprints(cfg: Any) -> dict[str, Any]:
-    """Identity of what a config points at: model weights, store run, text content, dictionary files."""
-    fields = dataclasses.asdict(cfg)
-    out: dict[str, Any] = {}
-    if fields.get("store"):
-        out["store"] = ActivationStore(fields["store"]).fingerprint
-    elif fields.get("model"):
-        target, _ = models.resolve(fields["model"])
-        out["weights"] = models.weights_hash(Path(target)) if Path(target).is_dir() else target
-    if fields.get("data") and not fields.get("store"):
-        out["data"] = data.fingerprint(fields["data"])
-    if fields.get("dictionary"):  # retraining into the same folder must not return stale results
-        out["dictionary"] = [
-            _folder_fingerprint(p.strip()) for p in str(fields["dictionary"]).split(",") if p.strip()
-        ]
-    return out
-
-
-def _folder_fingerprint(path: str) -> str:
-    """sha256 over a local folder's files (a dictionary: cfg.json + weights); the name itself otherwise."""
-    folder = Path(path).expanduser()
-    if folder.is_file():
-        folder = folder.parent
-    if not folder.is_dir():
-        return path  # a pretrained release id: its name is its identity
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    return paths.sha256_json([[p.name, paths.sha256_file(p)] for p in files])
+    """Content identity of every declared input the config sets (see workbench.inputs)."""
+    return inputs.fingerprints(cfg)
 
 
 def key_for(name: str, cfg: Any) -> str:
+    """Cache key from declared inputs only: canonical config + input fingerprints (see workbench.inputs)."""
     spec = analysis.get(name)
+    cfg = inputs.resolve_captured(cfg)
     return paths.sha256_json(
         {
             "analysis": name,
             "version": spec.version,
-            "config": analysis.config_to_dict(cfg),
-            "inputs": input_fingerprints(cfg),
+            "config": inputs.canonical_config(cfg),
+            "inputs": inputs.fingerprints(cfg),
         }
     )
 
@@ -125,7 +103,7 @@ def run(
 ) -> analysis.Result:
     """Run an analysis, or return its cached result. A corrupt cache entry is recomputed."""
     spec = analysis.get(name)
-    cfg = make_config(name, cfg, **overrides)
+    cfg = inputs.resolve_captured(make_config(name, cfg, **overrides))  # a store supersedes capture options
     results = results or cache()
     key = key_for(name, cfg)
     if not force:
@@ -179,7 +157,8 @@ def _provenance(spec: analysis.AnalysisSpec, cfg: Any, duration: float) -> dict[
     return {
         "analysis": spec.name,
         "version": spec.version,
-        "model": getattr(cfg, "model", None),
+        "model": inputs.origin_model(cfg),
+        "store": inputs.canonical_value(cfg, "store"),
         "created": time.time(),
         "duration_s": round(duration, 3),
         "git_sha": _git_sha(),

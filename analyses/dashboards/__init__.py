@@ -36,19 +36,20 @@ from workbench.analyses.dashboards.result import DashboardResult, export_neuronp
 from workbench.analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
 from workbench.analysis import register
 from workbench.context import Context
+from workbench.inputs import input_field
 
 __all__ = ["DashboardConfig", "DashboardResult", "export_neuronpedia", "run"]
 
 
 @dataclass(frozen=True)
 class DashboardConfig:
-    store: str = ""
+    store: str = input_field("store")
     """Activation store holding the site."""
     site: str = ""
     """Hook name whose activations are read; empty = the dictionary's input site."""
-    dictionary: str = ""
+    dictionary: str = input_field("dictionary")
     """SAELens dictionary folder; empty = the raw neurons of the site (neuron dashboards)."""
-    model: str = ""
+    model: str = input_field("model")
     """Model for W_U and the tokenizer; empty = the store's model (and weight processing)."""
     n_top: int = 20
     """Top activating contexts kept per latent."""

@@ -15,7 +15,7 @@ Firing rates come from an activation store; the interventions run the model on h
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from workbench.analyses.sparsity.cett import TailCurves, pplp_search
 from workbench.analyses.sparsity.held import HeldEval, held_tokens
@@ -26,6 +26,7 @@ from workbench.analysis import register
 from workbench.capture import CaptureConfig
 from workbench.context import Context
 from workbench.data import default_source
+from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 
 __all__ = ["SparsityConfig", "SparsityResult", "run"]
@@ -33,15 +34,15 @@ __all__ = ["SparsityConfig", "SparsityResult", "run"]
 
 @dataclass(frozen=True)
 class SparsityConfig:
-    store: str = ""
+    store: str = input_field("store")
     """Activation store holding blocks.*.mlp.hook_post (and hook_pre); empty = capture from the fields below."""
-    model: str = DEFAULT_MODEL
+    model: str = captured(DEFAULT_MODEL, kind="model")
     """Model to capture from and intervene on when no store is given."""
-    data: str = field(default_factory=default_source)
+    data: str = captured(default_factory=default_source, kind="data")
     """Text source: the first n_tokens are measured, the next held_tokens are the held-out text."""
-    n_tokens: int = 1024
+    n_tokens: int = captured(1024)
     """Tokens captured for the firing-rate measurement (and CETT calibration) when no store is given."""
-    ctx_len: int = 128
+    ctx_len: int = captured(128)
     """Context length (BOS included) of the capture and of the held text."""
     batch_size: int = 8
     """Sequences per forward pass."""
