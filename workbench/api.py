@@ -114,7 +114,7 @@ def run(
     result = spec.fn(cfg, Context(progress=progress, work_dir=paths.home() / "work" / key[:16]))
     payload, arrays = result.to_payload()
     meta = _provenance(spec, cfg, time.time() - start)
-    results.put(key, config=analysis.config_to_dict(cfg), meta=meta, result=payload, arrays=arrays)
+    results.put(key, config=inputs.canonical_config(cfg), meta=meta, result=payload, arrays=arrays)
     result.cache_key = key
     return result
 
