@@ -1,1 +1,1 @@
-"""Thin Streamlit pages of the workbench app (see app.py)."""
+"""Thin Streamlit pages of the workbench app; main.py is the router (`workbench app` runs it)."""

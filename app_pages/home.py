@@ -1,6 +1,7 @@
 """Home: models, activation stores and cached results (searchable, newest first, one-click re-open)."""
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
@@ -52,6 +53,6 @@ with guard("cannot list cached results"):
         cols[1].caption(row["model"] or row["config"].get("store", ""))
         cols[2].caption(f"{_when(row['created'])} · {row['duration'] or 0:.1f} s · `{row['key'][:10]}`")
         if cols[3].button("Open", key=f"open-{row['key']}", on_click=_open, args=(row["key"],)):
-            st.switch_page("app_pages/analyses.py")
+            st.switch_page(Path(__file__).with_name("analyses.py"))
     if len(rows) > 25:
         st.caption(f"{len(rows) - 25} more: narrow the search")

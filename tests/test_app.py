@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-APP = Path(__file__).resolve().parents[1] / "app.py"
+APP = Path(__file__).resolve().parents[1] / "app_pages" / "main.py"  # the router, as installed
 TEXT = "The cat sat on the mat. The dog"
 TIMEOUT = 180
 
@@ -68,7 +68,7 @@ def app(page: str | None = None, **query):
     for k, v in query.items():
         at.query_params[k] = v
     if page:
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(f"{page}.py").run()  # relative to the router
     assert not at.exception, [e.value for e in at.exception]
     return at
 

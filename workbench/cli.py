@@ -4,6 +4,7 @@ dataclasses, and their help text from the docstrings under each field."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -30,7 +31,6 @@ USER_ERRORS = (
     ValueError,
     KeyError,
 )
-APP = Path(__file__).resolve().parent.parent / "app.py"
 
 
 def _options_from(config_cls: type) -> list[click.Option]:
@@ -269,18 +269,28 @@ cli.add_command(RUN)
 @cli.command("app")
 @click.option("--port", default=8501, show_default=True)
 @click.option(
-    "--address", default="127.0.0.1", show_default=True, help="Interface to serve on (0.0.0.0 for all)."
+    "--host",
+    "--address",
+    "address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to serve on. The default serves this machine only; --host 0.0.0.0 opens the app "
+    "(which reads and writes files under WORKBENCH_HOME) to the network.",
 )
 @click.option("--headless/--no-headless", default=True, show_default=True)
 def app_cmd(port: int, address: str, headless: bool) -> None:
     """Start the Streamlit workbench in the browser."""
+    # The router ships inside the package (workbench/app_pages/main.py once installed); found
+    # without importing the pages, which would import streamlit into this process.
+    pages = importlib.util.find_spec("workbench.app_pages")
+    router = Path(pages.submodule_search_locations[0]) / "main.py"
     # No file watcher: with .venv inside the checkout it follows thousands of modules (inotify overflow).
     cmd = [
         sys.executable,
         "-m",
         "streamlit",
         "run",
-        str(APP),
+        str(router),
         "--server.port",
         str(port),
         "--server.address",

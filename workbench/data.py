@@ -17,7 +17,8 @@ from pathlib import Path
 
 from workbench import paths
 
-BUNDLED_TEXT = Path(__file__).resolve().parent.parent / "data" / "sample.txt"
+# Package data (pyproject package-data), so the default source exists after a plain wheel install.
+BUNDLED_TEXT = Path(__file__).resolve().parent / "resources" / "sample.txt"
 BOS_POLICIES = ("prepend", "none")
 TEXT_KEYS = ("text", "story", "content")
 PACKING_VERSION = 2  # bump when the same text would pack into different sequences
