@@ -6,9 +6,9 @@ At most two shards of activations are alive at once, so memory is flat in the to
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from workbench import data, paths, sites
+from workbench import data, paths, sites, store_state
 from workbench.models import DEFAULT_MODEL
 from workbench.shard_files import aligned_empty, write_safetensors
 from workbench.store import (
@@ -31,11 +31,11 @@ from workbench.store import (
     ActivationStore,
     ShardRecord,
     StoreError,
-    read_manifest,
     shard_name,
     site_dir,
     write_manifest,
 )
+from workbench.store_state import log
 
 
 class _AllSitesCaptured(StopAtLayerException):
@@ -100,7 +100,11 @@ def capture(
     out: str | Path | None = None,
     progress: bool | Progress = True,
 ) -> ActivationStore:
-    """Capture `cfg.sites` over `cfg.data`; resume if a partial run of the same identity exists."""
+    """Capture `cfg.sites` over `cfg.data`; resume a partial run of the same identity, repair a
+    complete one whose shards are missing, truncated or set aside as damaged, or wait while
+    another capture writes the same store (one writer at a time)."""
+    if out is not None:
+        store_state.check_out_folder(Path(out))  # before the model loads
     if model is None:
         from workbench.models import load_model
 
@@ -109,22 +113,49 @@ def capture(
     identity = run_identity(cfg, model, resolved)
     run_id = paths.sha256_json(identity)
     root = Path(out) if out else paths.stores_dir() / run_id[:16]
-    run = _open_run(root, cfg, identity, run_id, resolved)
-    if run["status"] == "complete":
-        return ActivationStore(root)
-    _Capture(cfg, model, root, run, progress).go()
+    existed = root.exists()
+    with store_state.writer_lock(root):
+        created = not store_state.is_store(root) and not any(
+            p.name != store_state.LOCK for p in root.iterdir()
+        )
+        run = _open_run(root, cfg, identity, run_id, resolved)
+        if run["status"] == "complete":
+            if store_state.healthy(root, run):
+                return ActivationStore(root)
+            log.warning(f"store {root.name} is damaged; rewriting its missing or damaged shards")
+            run["status"] = "running"  # honest while repairing; complete again when _finish checks it
+            paths.atomic_write_json(root / "run.json", run)
+        try:
+            _Capture(cfg, model, root, run, progress).go()
+        except BaseException as err:
+            if created:  # nothing of ours is worth keeping unless a shard was committed
+                store_state.remove_new_store(root, resolved, whole_folder=not existed)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"disk full while writing {err.filename or root}: free space and re-run the same "
+                    "command to resume"
+                ) from err
+            raise
     return ActivationStore(root)
 
 
 def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resolved: list[str]) -> dict:
+    """The run's provenance: read back, or (new store, or run.json lost) written as running."""
     run_json = root / "run.json"
     if run_json.exists():
-        run = json.loads(run_json.read_text())
+        try:
+            run = json.loads(run_json.read_text())
+        except ValueError as err:
+            raise StoreError(
+                f"{run_json} is unreadable ({err}); delete it and re-run the same capture command"
+            ) from err
         if run.get("run_id") != run_id:
             raise StoreError(
-                f"{root} holds a different capture (run {run.get('run_id', '?')[:12]}); choose another --out"
+                f"{root} holds a different capture (run {str(run.get('run_id', '?'))[:12]}); choose another --out"
             )
         return run
+    if store_state.is_store(root) and store_state.manifest_run_id(root) not in (run_id, None):
+        raise StoreError(f"{root} holds a different capture (its run.json is missing); choose another --out")
     run = {
         "run_id": run_id,
         "status": "running",
@@ -150,8 +181,8 @@ class _Capture:
         self.cfg, self.model, self.root, self.run = cfg, model, root, run
         self.sites: list[str] = run["sites"]
         self.dtype = DTYPES[cfg.dtype]
-        self.records = _committed_records(root, self.sites)
-        self.n_done = len({r.shard for r in self.records})
+        self.records = store_state.good_records(root, self.sites)
+        self.done = {r.shard for r in self.records}
         # Written buffers are reused (by row shape): a fresh allocation costs a page fault per
         # 4 KB on first touch, which on a VM took as long as copying the activations in.
         self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -160,7 +191,7 @@ class _Capture:
         self.callback = progress if callable(progress) else None
         self.bar = tqdm(
             total=self.total_seqs * cfg.ctx_len,
-            initial=self.n_done * cfg.shard_seqs * cfg.ctx_len,
+            initial=min(len(self.done) * cfg.shard_seqs, self.total_seqs) * cfg.ctx_len,
             unit="tok",
             unit_scale=True,
             desc="capture",
@@ -171,14 +202,21 @@ class _Capture:
         """Forward shard after shard. A site's file is queued for the writer thread as soon as
         the shard's last batch passes its hook, so the writes overlap the rest of the forward pass
         (even in the last shard); the shard is committed once all its files are written."""
-        _remove_orphans(self.root, self.sites, self.n_done)
-        write_manifest(self.root, self.records)  # drop rows of shards that did not survive
+        has_tokens = store_state.token_shards(self.root, self.cfg.shard_seqs)
+        store_state.remove_orphans(self.root, self.sites, self.done)
+        self._write_manifest()  # drop rows of shards that did not survive
         seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
-        seqs = itertools.islice(seqs, self.n_done * self.cfg.shard_seqs, self.total_seqs)
+        seqs = itertools.islice(seqs, self.total_seqs)  # packing is deterministic: shard k is known
         chunks = iter(lambda: list(itertools.islice(seqs, self.cfg.shard_seqs)), [])
         pending: Future | None = None
+        n_shards = 0
         with ThreadPoolExecutor(max_workers=1) as self._writer, self._hooks_installed():
-            for shard, chunk in enumerate(chunks, start=self.n_done):
+            for shard, chunk in enumerate(chunks):
+                n_shards = shard + 1
+                if shard in self.done:  # kept; only its tokens may need writing again
+                    if shard not in has_tokens:
+                        self._write_tokens(shard, chunk)
+                    continue
                 files = self._forward_shard(shard, chunk)
                 commit = self._writer.submit(self._commit_shard, shard, chunk, files)  # after the files
                 if pending is not None:
@@ -187,7 +225,7 @@ class _Capture:
             if pending is not None:
                 pending.result()
         self.bar.close()
-        self._finish()
+        self._finish(n_shards)
 
     def _forward_shard(self, shard: int, chunk: list[data.Sequence]) -> list[Future]:
         self._shard, self._rows, self._cursor = shard, len(chunk) * self.cfg.ctx_len, 0
@@ -281,7 +319,10 @@ class _Capture:
             self.run["shapes"] = {s: self._row_shapes[s] for s in self.sites}
             paths.atomic_write_json(self.root / "run.json", self.run)
         self.records += [new[s] for s in self.sites]
-        write_manifest(self.root, self.records)  # the commit point of this shard
+        self._write_manifest()  # the commit point of this shard
+
+    def _write_manifest(self) -> None:
+        write_manifest(self.root, self.records, run_id=self.run["run_id"])
 
     def _write_tokens(self, shard: int, chunk: list[data.Sequence]) -> None:
         seq0 = shard * self.cfg.shard_seqs
@@ -301,18 +342,33 @@ class _Capture:
         # (0.3 s a shard). The rename alone survives a killed process, like the shard files.
         paths.commit_temp(tmp, path, fsync=False)
 
-    def _finish(self) -> None:
-        parts = sorted((self.root / "tokens").glob("part-*.parquet"))
-        if not parts:
+    def _finish(self, n_shards: int) -> None:
+        """Check that every shard has its files and tokens, write tokens.parquet, mark the run
+        complete, and only then drop the token parts: a kill at any point leaves a store that
+        the next run of the same command completes."""
+        shards = {r.shard for r in self.records}
+        if not shards:
             raise StoreError(
                 f"the text source {self.cfg.data} is too short for one sequence of {self.cfg.ctx_len} tokens"
             )
-        tmp = paths.temp_path_for(self.root / "tokens.parquet")
-        pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), tmp)
-        paths.commit_temp(tmp, self.root / "tokens.parquet")
-        shutil.rmtree(self.root / "tokens", ignore_errors=True)
-        self.run.update(status="complete", n_rows=max(r.row_end for r in self.records), finished=time.time())
+        if shards != set(range(n_shards)):
+            raise StoreError(
+                f"shards {sorted(set(range(n_shards)) - shards)[:5]} of {self.root} were not written; "
+                "the store was not marked complete: re-run the same capture command"
+            )
+        n_rows = max(r.row_end for r in self.records)
+        table, changed = store_state.assemble_tokens(self.root, n_shards, self.cfg.shard_seqs)
+        store_state.check_tokens(self.root, table, n_rows, self.cfg.ctx_len)
+        if changed:
+            tmp = paths.temp_path_for(self.root / "tokens.parquet")
+            pq.write_table(table, tmp)
+            paths.commit_temp(tmp, self.root / "tokens.parquet")
+        if not self.run["shapes"]:  # run.json was rebuilt and no shard was recomputed
+            first = [r for r in self.records if r.shard == 0]
+            self.run["shapes"] = {r.site: store_state.row_shape(r.path(self.root)) for r in first}
+        self.run.update(status="complete", n_rows=n_rows, finished=time.time())
         paths.atomic_write_json(self.root / "run.json", self.run)
+        store_state.remove_token_parts(self.root)
 
 
 class _RunningStats:
@@ -341,31 +397,3 @@ class _RunningStats:
             "norm_mean": self.norms / self.rows,
             "abs_max": self.abs_max,
         }
-
-
-def _committed_records(root: Path, run_sites: list[str]) -> list[ShardRecord]:
-    """Manifest rows of the shards that are complete for every site and intact on disk."""
-    records = read_manifest(root)
-    by_shard: dict[int, list[ShardRecord]] = {}
-    for r in records:
-        by_shard.setdefault(r.shard, []).append(r)
-    kept: list[ShardRecord] = []
-    for shard in range(len(by_shard)):  # keep the contiguous prefix of good shards only
-        recs = by_shard.get(shard, [])
-        if {r.site for r in recs} != set(run_sites) or not all(r.intact(root) for r in recs):
-            break
-        kept += recs
-    return kept
-
-
-def _remove_orphans(root: Path, run_sites: list[str], n_done: int) -> None:
-    """Delete temp files and shards past the committed prefix (left by a killed run)."""
-    for tmp in root.rglob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-    for site in run_sites:
-        for path in (root / "acts" / site_dir(site)).glob("shard-*.safetensors"):
-            if int(path.stem.split("-")[1]) >= n_done:
-                path.unlink()
-    for path in (root / "tokens").glob("part-*.parquet"):
-        if int(path.stem.split("-")[1]) >= n_done:
-            path.unlink()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes, fsync: bool = True) -> None:
 
     `fsync=False` still survives a killed process (rename is atomic); fsync adds power-loss safety.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -83,10 +82,23 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def temp_path_for(path: Path) -> Path:
     """A sibling temp name for writers (safetensors, parquet) that need a path, not bytes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = new_temp(path)
     os.close(fd)
-    return Path(tmp)
+    return tmp
+
+
+def new_temp(path: Path) -> tuple[int, Path]:
+    """Create `.<name>.<random>.tmp` beside `path`; returns (open fd, temp path).
+
+    Unlike `tempfile.mkstemp` (always 0o600) the file gets the umask's mode (0o644 / 0o664), so
+    the renamed result is readable by the group like any file the user writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def commit_temp(tmp: Path, path: Path, fsync: bool = True) -> None:

@@ -13,6 +13,7 @@ orphans that the resume deletes. Reading checks each shard's size against the ma
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,22 @@ class ShardRecord:
         return path.exists() and path.stat().st_size == self.bytes
 
 
+_MANIFEST_SCHEMA = pa.schema(
+    [
+        ("site", pa.string()),
+        ("shard", pa.int64()),
+        ("row_start", pa.int64()),
+        ("row_end", pa.int64()),
+        ("bytes", pa.int64()),
+        ("checksum", pa.string()),
+        *((name, pa.float64()) for name in ("mean", "std", "norm_mean", "abs_max")),
+    ]
+)
+# Shards whose checksum this process has checked: (path, inode, mtime, size, checksum). A changed
+# file, or a manifest with another checksum, is checked again.
+_VERIFIED: set[tuple] = set()
+
+
 def read_manifest(root: Path) -> list[ShardRecord]:
     path = root / "manifest.parquet"
     if not path.exists():
@@ -78,8 +95,12 @@ def read_manifest(root: Path) -> list[ShardRecord]:
     return [ShardRecord(**r) for r in rows]
 
 
-def write_manifest(root: Path, records: Sequence[ShardRecord]) -> None:
-    table = pa.Table.from_pylist([vars(r) for r in records])
+def write_manifest(root: Path, records: Sequence[ShardRecord], run_id: str | None = None) -> None:
+    """Write the manifest atomically; `run_id` goes in its schema metadata so a folder whose
+    run.json was lost can still be matched to its capture."""
+    table = pa.Table.from_pylist([vars(r) for r in records], schema=_MANIFEST_SCHEMA)
+    if run_id:
+        table = table.replace_schema_metadata({"run_id": run_id})
     tmp = paths.temp_path_for(root / "manifest.parquet")
     pq.write_table(table, tmp)
     # No fsync, as for the shards: a rename survives a killed process, and an fsync here made
@@ -100,6 +121,11 @@ class ActivationStore:
         self.run = json.loads((self.root / "run.json").read_text())
         self.config = self.run["config"]
         self.sites: list[str] = self.run["sites"]
+        if self.complete and not (self.root / "manifest.parquet").exists():
+            raise StoreError(
+                f"{self.root} is damaged: run.json says the capture is complete but manifest.parquet "
+                "is missing; re-run the same capture command to rebuild it"
+            )
         self._by_site: dict[str, list[ShardRecord]] = {s: [] for s in self.sites}
         for rec in read_manifest(self.root):
             self._by_site.setdefault(rec.site, []).append(rec)
@@ -113,8 +139,11 @@ class ActivationStore:
 
     @property
     def fingerprint(self) -> str:
-        """Content identity of the run (model, weights, data, sites, policy): used in cache keys."""
-        return self.run["run_id"]
+        """Identity of what the store holds, used in cache keys: sha256 of the run id (model,
+        weights, data, sites, policy) and every shard's checksum, so a rewritten shard whose
+        bytes differ gives new keys."""
+        checksums = sorted((r.site, r.shard, r.checksum) for recs in self._by_site.values() for r in recs)
+        return paths.sha256_json({"run_id": self.run["run_id"], "checksums": checksums})
 
     @property
     def n_rows(self) -> int:
@@ -134,6 +163,10 @@ class ActivationStore:
         path = self.root / "tokens.parquet"
         if path.exists():
             return pq.read_table(path)
+        if self.complete:
+            raise StoreError(
+                f"{self.root} is damaged: tokens.parquet is missing; re-run the same capture command to rebuild it"
+            )
         parts = sorted((self.root / "tokens").glob("part-*.parquet"))
         return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else pa.table({})
 
@@ -147,13 +180,28 @@ class ActivationStore:
 
     # --- reading ------------------------------------------------------------------------
     def _checked_path(self, site: str, index: int) -> Path:
+        """The shard's file, checked for size on every read and for its checksum on the first
+        read in this process (xxh3: ~0.05 s/GB); a damaged file is set aside for the next
+        capture to rewrite and never read."""
         rec = self.records(site)[index]
+        path = rec.path(self.root)
         if not rec.intact(self.root):
             raise StoreError(
-                f"shard {rec.shard} of site {site} is missing or truncated ({rec.path(self.root)}); "
+                f"shard {rec.shard} of site {site} is missing or truncated ({path}); "
                 "re-run the same capture command to resume and rewrite it"
             )
-        return rec.path(self.root)
+        stat = path.stat()
+        seen = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, rec.checksum)
+        if seen not in _VERIFIED:
+            if not _checksum_ok(path, rec.checksum):
+                aside = _set_aside(path, stat)
+                raise StoreError(
+                    f"shard {rec.shard} of site {site} is damaged: {path} does not match its checksum"
+                    f"{f' (set aside as {aside.name})' if aside else ''}; re-run the same capture command to "
+                    f"rewrite it (`workbench verify {self.root}` checks every shard)"
+                )
+            _VERIFIED.add(seen)
+        return path
 
     def shard(self, site: str, index: int) -> torch.Tensor:
         """One whole shard of a site (checked against the manifest's size)."""
@@ -208,13 +256,36 @@ class ActivationStore:
         for site in self.sites:
             for rec in self.records(site):
                 path = rec.path(self.root)
-                algorithm, _, digest = rec.checksum.partition(":")
-                if not path.exists() or paths.file_digest(path, algorithm) != digest:
+                if not path.exists() or not _checksum_ok(path, rec.checksum):
+                    _set_aside(path, None)  # the next run of the capture rewrites it
                     problems.append(f"{site} shard {rec.shard}")
         return problems
 
     def __repr__(self) -> str:
         return f"ActivationStore({self.root.name[:12]}, model={self.config['model']}, rows={self.n_rows}, sites={len(self.sites)})"
+
+
+def _checksum_ok(path: Path, checksum: str) -> bool:
+    algorithm, _, digest = checksum.partition(":")
+    try:
+        return paths.file_digest(path, algorithm) == digest
+    except FileNotFoundError:
+        return False
+
+
+def _set_aside(path: Path, stat: os.stat_result | None) -> Path | None:
+    """Rename a damaged shard to `.<name>.damaged` beside it, so a size check misses it and the
+    next capture rewrites it (the bytes stay for inspection). Best effort: a read-only store, or
+    a file replaced since it was checked, stays where it is."""
+    aside = path.with_name(f".{path.name}.damaged")
+    try:
+        now = path.stat()
+        if stat is not None and (now.st_ino, now.st_mtime_ns) != (stat.st_ino, stat.st_mtime_ns):
+            return None
+        path.rename(aside)
+        return aside
+    except OSError:
+        return None
 
 
 def list_stores(root: Path | None = None) -> list[dict]:
