@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from workbench import data, paths, sites, store_state
-from workbench.models import DEFAULT_MODEL
+from workbench.capture_config import DEFAULT_SITES, CaptureConfig  # noqa: F401 - re-exported
 from workbench.shard_files import aligned_empty, write_safetensors
 from workbench.store import (
     DTYPES,
@@ -43,46 +43,7 @@ class _AllSitesCaptured(StopAtLayerException):
 
 
 _HOOK_LEVEL = -7001  # tags the capture's hooks so removing them leaves everyone else's alone
-DEFAULT_SITES = ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post")
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class CaptureConfig:
-    """What to capture; every field is part of the run's identity."""
-
-    model: str = DEFAULT_MODEL
-    """Model key (see `workbench models`), local HF folder or Hub id."""
-    sites: tuple[str, ...] = DEFAULT_SITES
-    """TransformerLens hook names or globs, e.g. blocks.*.mlp.hook_post."""
-    data: str = field(default_factory=data.default_source)
-    """Text source: .txt/.jsonl/.json/.parquet path or hf:<dataset>."""
-    n_tokens: int = 2048
-    """Token budget (rounded down to whole sequences; a shorter text gives fewer)."""
-    ctx_len: int = 128
-    """Tokens per sequence, BOS included."""
-    bos: str = "prepend"
-    """BOS policy: 'prepend' (each sequence starts with BOS) or 'none'."""
-    dtype: str = "float32"
-    """Storage dtype: float32, float16 or bfloat16."""
-    processing: str = "raw"
-    """Weight processing: 'raw' (HF numerics) or 'compat' (TL/SAELens folded norms)."""
-    batch_size: int = 8
-    """Sequences per forward pass."""
-    shard_tokens: int = 1024
-    """Rows per shard (rounded to whole batches); bounds memory."""
-
-    def __post_init__(self):
-        if isinstance(self.sites, str):
-            object.__setattr__(self, "sites", tuple(s.strip() for s in self.sites.split(",") if s.strip()))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got '{self.dtype}'")
-        if self.n_tokens < self.ctx_len:
-            raise ValueError(f"n_tokens ({self.n_tokens}) must be at least ctx_len ({self.ctx_len})")
-
-    @property
-    def shard_seqs(self) -> int:
-        return max(self.batch_size, self.shard_tokens // self.ctx_len // self.batch_size * self.batch_size)
 
 
 def run_identity(cfg: CaptureConfig, model, resolved: list[str]) -> dict:
@@ -109,7 +70,7 @@ def capture(
         from workbench.models import load_model
 
         model = load_model(cfg.model, cfg.processing)
-    resolved = sites.resolve_sites(cfg.sites, model.hook_dict)  # fails before any compute
+    resolved = sites.resolve_for_model(cfg.sites, model)  # fails before any compute
     identity = run_identity(cfg, model, resolved)
     run_id = paths.sha256_json(identity)
     root = Path(out) if out else paths.stores_dir() / run_id[:16]
@@ -130,13 +91,20 @@ def capture(
         except BaseException as err:
             if created:  # nothing of ours is worth keeping unless a shard was committed
                 store_state.remove_new_store(root, resolved, whole_folder=not existed)
-            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if _disk_full(err):
                 raise StoreError(
                     f"disk full while writing {err.filename or root}: free space and re-run the same "
                     "command to resume"
                 ) from err
             raise
     return ActivationStore(root)
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC/EDQUOT from os.write, or pyarrow's OSError that carries only the text."""
+    if not isinstance(err, OSError):
+        return False
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
 def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resolved: list[str]) -> dict:
@@ -303,7 +271,11 @@ class _Capture:
         acts, summary, records = buffer[:rows], stats.summary(), []
         for site in self._aliases[point]:
             path = self.root / "acts" / site_dir(site) / shard_name(shard)
-            size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
+            try:
+                size, digest = write_safetensors(path, "acts", acts, {"site": site, "row_start": str(row0)})
+            except OSError as err:
+                err.filename = err.filename or str(path)  # os.write names no file; the message should
+                raise
             records.append(ShardRecord(site, shard, row0, row0 + rows, size, digest, **summary))
             self._row_shapes[site] = list(acts.shape[1:])
         self._free.setdefault(tuple(buffer.shape[1:]), []).append(buffer)

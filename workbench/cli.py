@@ -120,6 +120,25 @@ def stores_cmd() -> None:
     _print_rows(api.list_stores())
 
 
+@cli.command("verify")
+@click.argument("store")
+@_guard
+def verify_cmd(store: str) -> None:
+    """Check every shard of a store against its checksum (damaged shards are set aside, and the
+    same capture command rewrites them)."""
+    from workbench.store import ActivationStore, StoreError, resolve_store
+
+    opened = ActivationStore(resolve_store(store))
+    damaged = opened.verify()
+    n = sum(opened.n_shards(site) for site in opened.sites)
+    if damaged:
+        raise StoreError(
+            f"{len(damaged)} of {n} shards in {opened.root} are damaged ({', '.join(damaged)}); "
+            "re-run the same capture command to rewrite them"
+        )
+    click.echo(f"ok: {n} shards verified" + ("" if opened.complete else " (the capture is not complete)"))
+
+
 @cli.command("list")
 def list_cmd() -> None:
     """List registered analyses."""

@@ -55,8 +55,12 @@ def write_safetensors(
     digest = paths.new_digest(SHARD_CHECKSUM, prefix)
     digest.update(body)
     tmp = paths.temp_path_for(path)
-    if not _write_direct(tmp, prefix, body, tensor.data_ptr()):
-        _write_buffered(tmp, prefix, body)
+    try:
+        if not _write_direct(tmp, prefix, body, tensor.data_ptr()):
+            _write_buffered(tmp, prefix, body)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half-written temp file behind
+        raise
     tmp.replace(path)
     return len(prefix) + len(body), f"{SHARD_CHECKSUM}:{digest.hexdigest()}"
 

@@ -12,6 +12,7 @@ orphans that the resume deletes. Reading checks each shard's size against the ma
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -288,6 +289,33 @@ def _set_aside(path: Path, stat: os.stat_result | None) -> Path | None:
         return None
 
 
+def resolve_store(name: str | Path) -> Path:
+    """A store folder given as a path, or as the id `workbench stores` lists (a unique prefix)."""
+    path = Path(name)
+    if path.exists() or path.is_absolute() or len(path.parts) > 1:
+        return path
+    matches = sorted(paths.stores_dir().glob(f"{name}*/run.json"))
+    return matches[0].parent if len(matches) == 1 else path
+
+
+def _status(root: Path, status: str | None) -> str | None:
+    """'running' only while a capture holds the store's lock; a killed one is 'partial' (resumable
+    by re-running the same command)."""
+    if status != "running":
+        return status
+    try:
+        fd = os.open(root / ".lock", os.O_RDONLY)
+    except OSError:
+        return "partial"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return "partial"
+    except BlockingIOError:
+        return "running"
+    finally:
+        os.close(fd)
+
+
 def list_stores(root: Path | None = None) -> list[dict]:
     """Provenance summary of every store under `$WORKBENCH_HOME/stores`, newest first."""
     root = root or paths.stores_dir()
@@ -305,7 +333,7 @@ def list_stores(root: Path | None = None) -> list[dict]:
                 "data": Path(run["config"]["data"]).name,
                 "sites": len(run["sites"]),
                 "rows": run.get("n_rows", 0),
-                "status": run.get("status"),
+                "status": _status(run_json.parent, run.get("status")),
                 "size_mb": round(size / 2**20, 1),
                 "created": run.get("created", 0),
             }
