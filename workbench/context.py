@@ -75,8 +75,11 @@ class Context:
         return ActivationStore(path)
 
     def capture(self, cfg: CaptureConfig) -> ActivationStore:
+        cfg.preflight()  # text and context length checked before the model loads
         model = self.model(cfg.model, cfg.processing)
-        return capture(cfg, model=model, progress=self.on_progress or self.show_bars)
+        store = capture(cfg, model=model, progress=self.on_progress or self.show_bars)
+        cfg.warn_if_short(store.n_rows)
+        return store
 
     def store_or_capture(self, store: str, cfg: CaptureConfig) -> ActivationStore:
         """The store at `store` if given, else a (cached, resumable) capture of `cfg`."""
