@@ -22,9 +22,12 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from workbench import checks
+
+if TYPE_CHECKING:  # imported where tensors are (de)serialised: listing analyses stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,8 @@ class Result:
 
     # --- (de)serialisation for the results cache ---------------------------------------
     def to_payload(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        import torch
+
         plain: dict[str, Any] = {}
         arrays: dict[str, torch.Tensor] = {}
         tensor_fields: dict[str, Any] = {}
@@ -83,7 +88,9 @@ class AnalysisSpec:
         unknown = set(overrides) - names
         if unknown:
             raise ValueError(f"{self.name} has no option(s) {sorted(unknown)}; options: {sorted(names)}")
-        return self.config_cls(**overrides)
+        cfg = self.config_cls(**overrides)
+        checks.check_config(cfg)  # choices (Literal fields) and no negative numbers
+        return cfg
 
 
 _REGISTRY: dict[str, AnalysisSpec] = {}
@@ -104,26 +111,52 @@ def register(name: str, version: int = 1) -> Callable:
             fn=fn,
             doc=inspect.getdoc(fn) or inspect.getdoc(inspect.getmodule(fn)) or "",
         )
+        known = _REGISTRY.get(name)
+        if known is not None and known.fn.__module__ != fn.__module__:
+            raise ValueError(
+                f"analysis '{name}' is registered twice: by {known.fn.__module__} and by {fn.__module__}"
+            )
         _REGISTRY[name] = spec
         return fn
 
     return deco
 
 
+FAILED: dict[str, str] = {}
+"""Module -> error, for analysis modules that failed to import (the others still load)."""
+
+
 def discover() -> None:
-    """Import every module of the `analyses` package and every `workbench.analyses` entry point."""
+    """Import every module of the `analyses` package and every `workbench.analyses` entry point.
+
+    Each module is imported on its own: one that fails is reported (a warning naming it and the
+    error, kept in FAILED) and the rest still load. A name registered twice is an error."""
     global _discovered
     if _discovered:
         return
     _discovered = True
     try:
         package = importlib.import_module("workbench.analyses")
-        for mod in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"workbench.analyses.{mod.name}")
     except ModuleNotFoundError:
         log.warning("no 'analyses' package found")
+        package = None
+    modules = (
+        [f"workbench.analyses.{m.name}" for m in pkgutil.iter_modules(package.__path__)] if package else []
+    )
+    for name in modules:
+        _load(name, lambda name=name: importlib.import_module(name))
     for ep in entry_points(group="workbench.analyses"):
-        ep.load()
+        _load(ep.value, ep.load)
+
+
+def _load(name: str, load: Callable[[], Any]) -> None:
+    try:
+        load()
+    except Exception as err:  # noqa: BLE001 - any import error: report it, keep the other analyses
+        if isinstance(err, ValueError) and "registered twice" in str(err):
+            raise
+        FAILED[name] = f"{type(err).__name__}: {err}"
+        log.warning("analysis module %s failed to import and is skipped: %s", name, FAILED[name])
 
 
 def get(name: str) -> AnalysisSpec:

@@ -18,19 +18,21 @@ import subprocess
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench import analysis, inputs, models, paths
-from workbench.cache import CorruptEntryError, Entry, ResultsCache
-from workbench.capture import CaptureConfig
-from workbench.capture import capture as _capture
-from workbench.context import POOL, Context, Progress
-from workbench.store import ActivationStore, list_stores
+from workbench.capture_config import CaptureConfig
+
+# torch, TransformerLens and the store are imported where used: `workbench --help`, `list`,
+# `models` must not pay for them.
+if TYPE_CHECKING:
+    from workbench.cache import Entry, ResultsCache
+    from workbench.context import Progress
+    from workbench.store import ActivationStore
 
 log = logging.getLogger(__name__)
 
 list_models = models.list_models
-open_store = ActivationStore
 __all__ = [
     "list_models",
     "open_store",
@@ -44,15 +46,39 @@ __all__ = [
 ]
 
 
+def open_store(root: str | Path) -> ActivationStore:
+    """An activation store by folder (read side: rows by memory map, shuffled batches)."""
+    from workbench.store import ActivationStore
+
+    return ActivationStore(root)
+
+
+def list_stores(root: Path | None = None) -> list[dict]:
+    """Stores under $WORKBENCH_HOME/stores with provenance and size."""
+    from workbench.store import list_stores as _list
+
+    return _list(root)
+
+
 def load_model(key: str = models.DEFAULT_MODEL, processing: str = "raw"):
     """A TransformerBridge for `key`, pooled so a second call returns the same object."""
+    from workbench.context import POOL
+
     return POOL.get(key, processing)
 
 
 def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any) -> ActivationStore:
-    """Capture activations (see CaptureConfig for the options); resumes a partial run of the same identity."""
+    """Capture activations (see CaptureConfig for the options); resumes a partial run of the same identity.
+
+    Every option and the text source are checked before the model loads; a capture that gets
+    fewer tokens than asked (the text ran out) logs one warning line with both numbers."""
+    from workbench.capture import capture as _capture
+
     config = CaptureConfig(**cfg)
-    return _capture(config, model=load_model(config.model, config.processing), out=out, progress=progress)
+    config.preflight()
+    store = _capture(config, model=load_model(config.model, config.processing), out=out, progress=progress)
+    config.warn_if_short(store.n_rows)
+    return store
 
 
 def list_analyses() -> list[dict[str, Any]]:
@@ -63,6 +89,8 @@ def list_analyses() -> list[dict[str, Any]]:
 
 
 def cache(root: str | Path | None = None) -> ResultsCache:
+    from workbench.cache import ResultsCache
+
     return ResultsCache(Path(root) if root else None)
 
 
@@ -104,6 +132,8 @@ def run(
     """Run an analysis, or return its cached result. A corrupt cache entry is recomputed."""
     spec = analysis.get(name)
     cfg = inputs.resolve_captured(make_config(name, cfg, **overrides))  # a store supersedes capture options
+    if hasattr(cfg, "capture_config") and not inputs.canonical_value(cfg, "store"):
+        cfg.capture_config().preflight()  # bad text or ctx_len fails before the model loads
     results = results or cache()
     key = key_for(name, cfg)
     if not force:
@@ -111,6 +141,8 @@ def run(
         if hit is not None:
             return hit
     start = time.time()
+    from workbench.context import Context
+
     result = spec.fn(cfg, Context(progress=progress, work_dir=paths.home() / "work" / key[:16]))
     payload, arrays = result.to_payload()
     meta = _provenance(spec, cfg, time.time() - start)
@@ -120,6 +152,8 @@ def run(
 
 
 def _cached_result(results: ResultsCache, spec: analysis.AnalysisSpec, key: str) -> analysis.Result | None:
+    from workbench.cache import CorruptEntryError
+
     try:
         entry = results.get(key)
     except CorruptEntryError as err:
@@ -186,13 +220,21 @@ def _git_sha() -> str:
         return "unknown"
 
 
-# Prompt lens and analysis forms for the app (workbench/lens.py).
-from workbench.lens import (  # noqa: E402, F401
-    LensError,
-    config_fields,
-    dictionary_info,
-    list_dictionaries,
-    load_dictionary,
-    parse_form,
-    prompt_lens,
+# Prompt lens and analysis forms for the app (workbench/lens.py, imported on first use).
+_LENS = (
+    "LensError",
+    "config_fields",
+    "dictionary_info",
+    "list_dictionaries",
+    "load_dictionary",
+    "parse_form",
+    "prompt_lens",
 )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LENS:
+        from workbench import lens
+
+        return getattr(lens, name)
+    raise AttributeError(f"module 'workbench.api' has no attribute '{name}'")

@@ -68,27 +68,89 @@ def _documents_of(source: str) -> Iterator[str]:
         yield from _hf_documents(source[3:])
         return
     path = _local_path(source)
-    suffix = path.suffix.lower()
-    if suffix in (".txt", ".raw", ".md") or path.name.endswith(".raw"):
-        yield from _text_documents(path.read_text(errors="replace"))
-    elif suffix == ".jsonl":
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield _text_of(json.loads(line))
-    elif suffix == ".json":
-        yield from (_text_of(item) for item in json.loads(path.read_text()))
-    elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        column = next((k for k in TEXT_KEYS if k in table.column_names), None)
-        if column is None:
-            raise DataSourceError(f"{path} has no text column (looked for {TEXT_KEYS})")
-        yield from (t for t in table.column(column).to_pylist() if t)
+    kind = _kind_of(path)
+    if kind == "text":
+        yield from _text_documents(read_text(path))
+    elif kind == "jsonl":
+        yield from _jsonl_documents(path)
+    elif kind == "json":
+        yield from _json_documents(path)
     else:
+        yield from (t for t in _parquet_column(path).to_pylist() if t)
+
+
+def _kind_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw", ".md"):
+        return "text"
+    if suffix in (".jsonl", ".json", ".parquet"):
+        return suffix[1:]
+    raise DataSourceError(
+        f"unsupported text source '{path}': use .txt, .jsonl, .json, .parquet or hf:<dataset>"
+    )
+
+
+def read_text(path: Path) -> str:
+    """A file's text, strictly UTF-8: a binary or mis-encoded file says which byte and where."""
+    raw = path.read_bytes()
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataSourceError(f"{path}: binary file, not text (NUL byte at offset {nul})")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
         raise DataSourceError(
-            f"unsupported text source '{source}': use .txt, .jsonl, .json, .parquet or hf:<dataset>"
-        )
+            f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})"
+        ) from None
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield _text_of(json.loads(line))
+        except ValueError as err:  # JSONDecodeError and a record without text
+            raise DataSourceError(f"{path} line {lineno}: {_reason(err)}") from None
+
+
+def _json_documents(path: Path) -> Iterator[str]:
+    try:
+        items = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataSourceError(f"{path} line {err.lineno}: {err.msg} (column {err.colno})") from None
+    if not isinstance(items, list):
+        raise DataSourceError(f"{path}: expected a JSON list of strings or of objects with 'text'")
+    for i, item in enumerate(items):
+        try:
+            yield _text_of(item)
+        except ValueError as err:
+            raise DataSourceError(f"{path} item {i}: {_reason(err)}") from None
+
+
+def _reason(err: ValueError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} (column {err.colno})"
+    return str(err)
+
+
+def _parquet_column(path: Path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    column = next((k for k in TEXT_KEYS if k in table.column_names), None)
+    if column is None:
+        raise DataSourceError(f"{path} has no text column (looked for {TEXT_KEYS})")
+    return table.column(column)
+
+
+def check_source(source: str) -> None:
+    """Read every local part once, before any model loads: existing, supported, UTF-8 text,
+    well-formed JSON/JSONL records with text, a Parquet text column. Raises DataSourceError."""
+    for part in split_sources(source):
+        if not part.startswith("hf:"):
+            for _ in _documents_of(part):
+                pass
 
 
 def _text_documents(text: str) -> Iterator[str]:
@@ -101,7 +163,7 @@ def _text_of(item) -> str:
     if isinstance(item, str):
         return item
     for key in TEXT_KEYS:
-        if key in item:
+        if isinstance(item, dict) and isinstance(item.get(key), str):
             return item[key]
     raise DataSourceError(f"record has no text field (looked for {TEXT_KEYS}): {str(item)[:80]}")
 

