@@ -14,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workbench import tasks
 from workbench.analyses.patching.components import COMPONENTS, ComponentError, parse_components, parse_heads
 from workbench.analyses.patching.compute import DIRECTIONS, METHODS, Options, run_task
 from workbench.analyses.patching.metrics import METRICS
 from workbench.analyses.patching.result import PatchingResult
-
-from workbench import tasks
 from workbench.analysis import register
 from workbench.context import Context
 from workbench.inputs import canonical_path, input_field, register_kind

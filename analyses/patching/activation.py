@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import torch
 from jaxtyping import Float, Int
-from workbench.analyses.patching.components import Patch
 
+from workbench.analyses.patching.components import Patch
 from workbench.interventions import hooked
 
 

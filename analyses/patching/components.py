@@ -38,10 +38,11 @@ class Patch:
     layer: int
     pos: int | None  # None: every position
     head: int | None  # None: not a per-head component
+    hook: str = ""  # the hook point; HOOKS[component] at layer when empty
 
-    @property
-    def hook(self) -> str:
-        return HOOKS[self.component].format(self.layer)
+    def __post_init__(self):
+        if not self.hook:
+            object.__setattr__(self, "hook", HOOKS[self.component].format(self.layer))
 
     @property
     def index(self) -> tuple:

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
 from workbench.analyses.patching import components as comp
 from workbench.analyses.patching.activation import sweep
 from workbench.analyses.patching.attribution import EMBED, gradients, integrated_gradients
 from workbench.analyses.patching.metrics import PromptMetric, logit_diff
-
 from workbench.interventions import hook_points, hooked, model_lock
 from workbench.tasks import Group, TokenizedTask
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
 from workbench.analyses.patching.components import PER_HEAD
 
 NAMES = {"ap": "AP", "atp": "AtP", "relp": "RelP", "ig": "IG"}

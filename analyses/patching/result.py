@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from workbench.analyses.patching.components import PER_HEAD, ComponentError
 
+from workbench.analyses.patching.components import PER_HEAD, ComponentError
 from workbench.analysis import Result
 
 NAMES = {"ap": "AP", "atp": "AtP", "relp": "RelP", "ig": "IG"}
