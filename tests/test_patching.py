@@ -92,7 +92,7 @@ def test_batched_sweep_equals_one_patch_at_a_time(model, group):
     batched, calls = sweep(model, group.corrupted, clean, corr, patch_list, metric, base, max_rows=10_000)
     single, single_calls = sweep(model, group.corrupted, clean, corr, patch_list, metric, base, max_rows=1)
     assert calls == 1 and single_calls > 10  # one forward pass vs one per (non-trivial) patch
-    torch.testing.assert_close(batched, single, rtol=0, atol=1e-5)
+    assert torch.equal(batched, single)
     # Patches before the first differing token are exact no-ops (causality), never run.
     first_diff = int((group.clean != group.corrupted).any(0).nonzero()[0])
     early = [i for i, p in enumerate(patch_list) if p.pos is not None and p.pos < first_diff]
