@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -41,7 +42,7 @@ class TrainSAEConfig:
     """Input hook name; empty = the store's only site (transcoder: its ln2.hook_normalized site), or the middle layer when capturing."""
     target_site: str = ""
     """Transcoder target hook; empty = hook_mlp_out of the input site's layer."""
-    arch: str = "topk"
+    arch: Literal["standard", "topk", "batchtopk", "jumprelu", "mp", "transcoder", "top_afa"] = "topk"
     """One of standard, topk, batchtopk, jumprelu, mp, transcoder, top_afa."""
     d_sae: int = 0
     """Dictionary size; 0 = expansion × d_in."""
@@ -53,7 +54,7 @@ class TrainSAEConfig:
     """L1 weight (standard, transcoder); inputs are scaled to E‖x‖ = √d_in when normalize is on."""
     l0_coefficient: float = 1.0
     """L0 weight (jumprelu, the paper's λ·L0 with a rectangle-kernel STE)."""
-    jumprelu_sparsity: str = "step"
+    jumprelu_sparsity: Literal["step", "tanh", "quadratic"] = "step"
     """JumpReLU sparsity loss: step (paper λ·L0), tanh (Anthropic) or quadratic (λ·(L0 − target_l0)², needs target_l0)."""
     target_l0: float = 0.0
     """Target L0 of the quadratic JumpReLU sparsity loss."""
@@ -95,7 +96,7 @@ class TrainSAEConfig:
     """Tokens to capture when no store is given."""
     ctx_len: int = captured(128)
     """Context length of the capture when no store is given."""
-    capture_dtype: str = captured("float32", key="dtype")
+    capture_dtype: Literal["float32", "float16", "bfloat16"] = captured("float32", key="dtype")
     """Storage dtype of the capture when no store is given (float16 halves disk and reads)."""
 
 

@@ -20,7 +20,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench import analysis, inputs, models, paths
+from workbench import analysis, inputs, manage, models, paths
 from workbench.capture_config import CaptureConfig
 
 # torch, TransformerLens and the store are imported where used: `workbench --help`, `list`,
@@ -180,6 +180,27 @@ def load(key: str, results: ResultsCache | None = None) -> analysis.Result:
     return _result_of(analysis.get(entry.meta["analysis"]), entry)
 
 
+load_preset = manage.load_preset
+
+
+def results_table(
+    name: str | None = None, text: str | None = None, results: ResultsCache | None = None
+) -> list[dict]:
+    """Cached results as listings show them: key, analysis, model, from (store id or "capture"),
+    site, options that differ from the defaults, duration; newest first."""
+    return [manage.describe(r) for r in cached(name, text, results)]
+
+
+def delete_result(prefix: str, results: ResultsCache | None = None) -> dict:
+    """Delete the one cached result whose key starts with `prefix`; returns its index row."""
+    return manage.delete_result(prefix, results or cache())
+
+
+def delete_store(name: str) -> tuple[Path, list[str]]:
+    """Delete an activation store (path or id): its own files, and its folder once empty."""
+    return manage.delete_store(name)
+
+
 def cached(
     name: str | None = None, text: str | None = None, results: ResultsCache | None = None
 ) -> list[dict]:
@@ -193,6 +214,7 @@ def _provenance(spec: analysis.AnalysisSpec, cfg: Any, duration: float) -> dict[
         "version": spec.version,
         "model": inputs.origin_model(cfg),
         "store": inputs.canonical_value(cfg, "store"),
+        "computed_from": manage.computed_from(cfg),
         "created": time.time(),
         "duration_s": round(duration, 3),
         "git_sha": _git_sha(),

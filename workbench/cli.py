@@ -14,23 +14,21 @@ from typing import Any
 
 import click
 
-from workbench import analysis, api
-from workbench.cache import CorruptEntryError
-from workbench.capture import CaptureConfig
+from workbench import analysis, api, checks, manage, sites
+from workbench.capture_config import CaptureConfig
 from workbench.data import DataSourceError
 from workbench.models import ModelNotAvailableError
 from workbench.sites import UnknownSiteError
-from workbench.store import StoreError
 
-USER_ERRORS = (
-    ModelNotAvailableError,
-    UnknownSiteError,
-    StoreError,
-    DataSourceError,
-    CorruptEntryError,
-    ValueError,
-    KeyError,
-)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error classes printed as one line. The cache's and the store's are looked up only if their
+    module was imported (it raised them then): importing them here would load torch for `--help`."""
+    errors = [ModelNotAvailableError, UnknownSiteError, DataSourceError, ValueError, KeyError]
+    for module, name in (("workbench.cache", "CorruptEntryError"), ("workbench.store", "StoreError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def _options_from(config_cls: type) -> list[click.Option]:
@@ -51,10 +49,11 @@ def _options_from(config_cls: type) -> list[click.Option]:
         if typing.get_origin(hint) is tuple:
             default = ",".join(default)
             hint = str
+        allowed = checks.choices(hint)
         options.append(
             click.Option(
                 [flag],
-                type=hint if hint in (int, float, str) else str,
+                type=click.Choice(allowed) if allowed else hint if hint in (int, float, str) else str,
                 default=default,
                 show_default=True,
                 help=docs.get(f.name),
@@ -87,7 +86,7 @@ def _guard(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as err:
+        except _user_errors() as err:
             message = err.args[0] if isinstance(err, KeyError) and err.args else err
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
@@ -149,11 +148,36 @@ def list_cmd() -> None:
 @click.option("--analysis", default=None, help="Only this analysis.")
 @click.option("--search", default=None, help="Substring of the config, analysis or model.")
 def results_cmd(analysis: str | None, search: str | None) -> None:
-    """List cached results, newest first."""
-    rows = api.cached(analysis, search)
-    _print_rows(
-        [{k: r[k] for k in ("key", "analysis", "model", "duration")} | {"key": r["key"][:16]} for r in rows]
-    )
+    """List cached results, newest first, with what each was computed from (store, site, options
+    that differ from the defaults)."""
+    _print_rows(api.results_table(analysis, search))
+
+
+@cli.command("rm")
+@click.argument("key")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_guard
+def rm_cmd(key: str, yes: bool) -> None:
+    """Delete a cached result (a unique key prefix is enough)."""
+    row = manage.find_result(key, api.cache())
+    if not yes:
+        click.confirm(f"delete result {row['key'][:16]} ({row['analysis']})?", abort=True)
+    api.delete_result(row["key"])
+    click.echo(f"deleted result {row['key'][:16]} ({row['analysis']})")
+
+
+@cli.command("rm-store")
+@click.argument("store")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@_guard
+def rm_store_cmd(store: str, yes: bool) -> None:
+    """Delete an activation store, by path or by the id `workbench stores` lists."""
+    root = manage.resolve_existing_store(store)
+    if not yes:
+        click.confirm(f"delete store {root}?", abort=True)
+    root, left = api.delete_store(str(root))
+    kept = f"; kept files that are not the store's: {', '.join(left)}" if left else ""
+    click.echo(f"deleted store {root}{kept}")
 
 
 def _report(result, html: str | None) -> None:
@@ -210,7 +234,7 @@ def _unique_key(prefix: str) -> str:
 def _capture_command() -> click.Command:
     @_guard
     def callback(out: str | None, **kwargs):
-        kwargs["sites"] = tuple(s.strip() for s in kwargs["sites"].split(",") if s.strip())
+        kwargs["sites"] = tuple(sites.split_patterns(kwargs["sites"]))  # commas inside {a,b} stay
         store = api.capture(out=out, **kwargs)
         click.echo(f"store: {store.root}  ({store.n_rows} rows, {len(store.sites)} sites)")
 
@@ -266,18 +290,16 @@ class RunGroup(click.Group):
 
 
 def _apply_preset(name: str, preset: str | None, kwargs: dict) -> dict:
-    """Preset values replace defaults; options the user typed on the command line still win."""
+    """Preset values replace defaults; options the user typed on the command line still win, and
+    a store (typed or preset) replaces the preset's capture options (it was captured with its own)."""
     if not preset:
         return kwargs
-    try:
-        values = json.loads(Path(preset).read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read preset {preset}: {err}") from err
-    if values.get("analysis", name) != name:
-        raise ValueError(f"preset {preset} is for '{values['analysis']}', not '{name}'")
+    values = api.load_preset(preset, name)
     ctx = click.get_current_context()
     typed = {k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-    return {**kwargs, **{k: v for k, v in values.get("config", {}).items() if k not in typed}}
+    merged = {**kwargs, **{k: v for k, v in values.items() if k not in typed}}
+    dropped = manage.superseded_fields(analysis.get(name).config_cls, merged) - typed
+    return {**merged, **{k: kwargs[k] for k in dropped if k in kwargs}}
 
 
 cli.add_command(_capture_command())

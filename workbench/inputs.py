@@ -80,7 +80,7 @@ def _kind(kind: str) -> tuple[Callable[[str], Any], Callable[[str], str]]:
     return _KINDS[kind]
 
 
-def _superseded(cfg: Any) -> set[str]:
+def superseded(cfg: Any) -> set[str]:
     """Captured fields whose store is set: the store's fingerprint already covers them."""
     return {
         f.name
@@ -91,7 +91,7 @@ def _superseded(cfg: Any) -> set[str]:
 
 def fingerprints(cfg: Any) -> dict[str, Any]:
     """Field name -> content fingerprint, for every declared input that is set (and not superseded)."""
-    skip = _superseded(cfg)
+    skip = superseded(cfg)
     out: dict[str, Any] = {}
     for name, kind in declared_inputs(cfg).items():
         value = getattr(cfg, name)
@@ -287,4 +287,5 @@ __all__ = [
     "origin_model",
     "register_kind",
     "resolve_captured",
+    "superseded",
 ]

@@ -164,11 +164,12 @@ def dictionary_info(path: str | Path) -> dict[str, Any]:
 
 
 def config_fields(name: str) -> list[dict[str, Any]]:
-    """The form of analysis `name`: each config field's name, kind (int/float/bool/str/list), default, doc."""
+    """The form of analysis `name`: each config field's name, kind (int/float/bool/str/list), default,
+    doc, `choices` (the allowed values of a Literal field, else None) and declared `input` kind."""
     import dataclasses
     import typing
 
-    from workbench import analysis
+    from workbench import analysis, checks
 
     spec = analysis.get(name)
     docs = analysis.field_docs(spec.config_cls)
@@ -178,24 +179,33 @@ def config_fields(name: str) -> list[dict[str, Any]]:
     for f in dataclasses.fields(spec.config_cls):
         hint, value = hints[f.name], getattr(defaults, f.name)
         kind = {int: "int", float: "float", bool: "bool", str: "str"}.get(hint, "str")
+        allowed = checks.choices(hint)
         if typing.get_origin(hint) in (tuple, list) or isinstance(value, (tuple, list)):
             kind, value = "list", ",".join(map(str, value))
         elif kind == "str" and not isinstance(value, str):
             value = "" if value is None else str(value)
-        rows.append({"name": f.name, "kind": kind, "default": value, "doc": docs.get(f.name, "")})
+        rows.append(
+            {
+                "name": f.name,
+                "kind": kind,
+                "default": value,
+                "doc": docs.get(f.name, ""),
+                "choices": list(allowed) if allowed else None,  # a selectbox, not free text
+                "input": f.metadata.get("input"),  # store, model, data, dictionary, task...
+            }
+        )
     return rows
 
 
 def parse_form(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """Form values back to config overrides: list fields split on commas, other kinds kept as typed."""
+    from workbench import sites
+
     kinds = {f["name"]: f["kind"] for f in config_fields(name)}
     unknown = set(values) - set(kinds)
     if unknown:
         raise LensError(f"{name} has no option(s) {sorted(unknown)}")
-    return {
-        k: tuple(s.strip() for s in str(v).split(",") if s.strip()) if kinds[k] == "list" else v
-        for k, v in values.items()
-    }
+    return {k: tuple(sites.split_patterns(str(v))) if kinds[k] == "list" else v for k, v in values.items()}
 
 
 def list_dictionaries() -> list[dict[str, Any]]:

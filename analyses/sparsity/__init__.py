@@ -16,6 +16,7 @@ Firing rates come from an activation store; the interventions run the model on h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from workbench.analyses.sparsity.cett import TailCurves, pplp_search
 from workbench.analyses.sparsity.held import HeldEval, held_tokens
@@ -50,7 +51,7 @@ class SparsityConfig:
     """Leave position 0 out of every ratio and never sparsify it (BOS / attention-sink activations)."""
     eps: float = 0.01
     """Magnitude threshold of the |a| > eps definition (for GELU/SiLU, where exact zeros are rare)."""
-    fire_def: str = "eps"
+    fire_def: Literal["nonzero", "eps", "pre_pos"] = "eps"
     """Firing definition for dead/always-on neurons: nonzero (a != 0), eps (|a| > eps) or pre_pos (pre > 0)."""
     ppl_p: float = 1.0
     """PPL-p%: the allowed perplexity increase in percent (Sparsing Law uses 1); 0 skips the search."""
@@ -66,7 +67,7 @@ class SparsityConfig:
     """Top-k sweep, comma-separated: values <= 1 are fractions of d_mlp, larger ones neuron counts; empty skips."""
     topk_layers: str = "all"
     """Layers the top-k intervention applies to: 'all' or comma-separated indices."""
-    topk_score: str = "abs"
+    topk_score: Literal["abs", "weighted"] = "abs"
     """Top-k ranking score per token: abs (|a_i|, Lazy Neuron) or weighted (|a_i| * ||W_out[i]||, WINA/CETT)."""
 
     def __post_init__(self):
