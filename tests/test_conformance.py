@@ -53,6 +53,7 @@ EXAMPLES = {
         "n_seqs": 2,
         "batch_size": 2,
     },
+    "patching": lambda env: {"model": env.model, "n_prompts": 2, "ig_steps": 2},
 }
 
 
