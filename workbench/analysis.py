@@ -14,7 +14,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import inspect
+import json
 import logging
 import pkgutil
 import textwrap
@@ -22,6 +24,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench import checks
@@ -157,6 +160,41 @@ def _load(name: str, load: Callable[[], Any]) -> None:
             raise
         FAILED[name] = f"{type(err).__name__}: {err}"
         log.warning("analysis module %s failed to import and is skipped: %s", name, FAILED[name])
+
+
+def listing() -> list[dict[str, Any]]:
+    """Name, version and first doc line of every analysis, newest import-free: from
+    `$WORKBENCH_HOME/analyses.json` while the analysis files are unchanged (by size and mtime),
+    else by importing them (and then refreshing that file, when every module imported)."""
+    from workbench import paths
+
+    index = paths.home() / "analyses.json"
+    stamp = _stamp()
+    try:
+        saved = json.loads(index.read_text())
+        if saved.get("stamp") == stamp:
+            return [{k: r[k] for k in ("name", "version", "doc")} for r in saved["rows"]]
+    except (OSError, ValueError, KeyError):
+        pass
+    rows = [
+        {"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""}
+        for s in all_specs()
+    ]
+    if not FAILED:
+        try:
+            paths.atomic_write_json(index, {"stamp": stamp, "rows": rows})
+        except OSError:
+            pass  # read-only home: import next time
+    return rows
+
+
+def _stamp() -> list:
+    """Size and mtime of every analysis source file, and the entry points: what the listing depends on."""
+    spec = importlib.util.find_spec("workbench.analyses")
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(p for root in roots for p in Path(root).rglob("*.py"))
+    eps = sorted(f"{ep.name}={ep.value}" for ep in entry_points(group="workbench.analyses"))
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files] + eps
 
 
 def get(name: str) -> AnalysisSpec:

@@ -82,10 +82,8 @@ def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any
 
 
 def list_analyses() -> list[dict[str, Any]]:
-    return [
-        {"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""}
-        for s in analysis.all_specs()
-    ]
+    """Name, version and summary of every registered analysis (without importing them when unchanged)."""
+    return analysis.listing()
 
 
 def cache(root: str | Path | None = None) -> ResultsCache:

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch loads only when arrays are read or written: listings stay fast
+    import torch
 
 from workbench import paths
 
@@ -40,6 +40,8 @@ class Entry:
     result: dict[str, Any]
 
     def arrays(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
         return load_file(self.path / "arrays.safetensors")
 
 
@@ -81,6 +83,8 @@ class ResultsCache:
         arrays: dict[str, torch.Tensor],
     ) -> Entry:
         """Write an entry atomically and index it; safe against concurrent writers of any key."""
+        from safetensors.torch import save_file
+
         tmp = self.root / "tmp" / uuid.uuid4().hex
         tmp.mkdir()
         try:
