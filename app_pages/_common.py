@@ -13,14 +13,16 @@ import html
 import json
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import streamlit as st
 
 from workbench import api
+from workbench.app_pages import _params as params
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -73,13 +75,21 @@ def cached_key(name: str, **overrides: Any) -> str | None:
     return key if any(r["key"] == key for r in api.cached(name)) else None
 
 
+def field_choices(name: str, fields: list[dict]) -> dict[str, tuple]:
+    """Form fields of analysis `name` with a fixed set of values -> those values: the `choices`
+    that config_fields gives, else the field's `Literal[...]` hint."""
+    hints = typing.get_type_hints(type(api.make_config(name)))
+    found = {}
+    for f in fields:
+        hint = hints.get(f["name"])
+        allowed = f.get("choices") or (typing.get_args(hint) if typing.get_origin(hint) is Literal else ())
+        if allowed:
+            found[f["name"]] = tuple(allowed)
+    return found
+
+
 def analysis_names() -> list[str]:
     return [a["name"] for a in api.list_analyses()]
-
-
-def param(name: str, default: Any = "") -> Any:
-    """A query-parameter value (links into a page prefill it), else `default`."""
-    return st.query_params.get(name, default)
 
 
 # --- background jobs ---------------------------------------------------------------------
@@ -249,7 +259,7 @@ def store_picker(stores: list[dict]) -> str | None:
     labels = {
         s["path"]: f"{s['path'].rsplit('/', 1)[-1][:12]} · {s['model']} · {s['rows']} rows" for s in stores
     }
-    wanted = param("store")
+    wanted = params.text("store")
     return st.selectbox(
         "Activation store",
         options,

@@ -5,8 +5,9 @@ import time
 
 import streamlit as st
 
-from workbench.app_pages import _common as ui
 from workbench import api
+from workbench.app_pages import _common as ui
+from workbench.app_pages import _params as params
 
 st.title("Analyses")
 names = ui.analysis_names()
@@ -15,10 +16,8 @@ if not names:
     st.stop()
 
 # A result re-opened from Home (session state) or linked by `?key=` selects its analysis.
-open_key = st.session_state.pop("open_key", None)
-if "key" in st.query_params:  # consumed once, so the result picker below stays free
-    open_key = open_key or st.query_params["key"]
-    del st.query_params["key"]
+open_key = st.session_state.pop("open_key", None) or params.result_key()
+st.query_params.pop("key", None)  # consumed once, so the result picker below stays free
 if open_key:
     with ui.guard(f"cannot open cached result {open_key[:12]}"):
         ui.result(open_key)
@@ -27,15 +26,18 @@ if open_key:
         st.session_state["result"] = open_key
 
 if st.session_state.get("analysis") not in names:
-    st.session_state["analysis"] = (
-        ui.param("analysis", names[0]) if ui.param("analysis", "") in names else names[0]
-    )
+    st.session_state["analysis"] = params.choice("analysis", names, names[0])
 name = st.selectbox("Analysis", names, key="analysis")
 st.caption(next(a["doc"] for a in api.list_analyses() if a["name"] == name))
 
 
-def _widget(f: dict, value):
+def _widget(f: dict, value, choices: tuple | None):
+    """One form input: a selectbox for a field with fixed choices (`Literal[...]`), else by kind."""
     label, help_, key = f["name"], f["doc"] or None, f"field:{name}:{f['name']}"
+    if choices:
+        options = list(choices)
+        index = options.index(value) if value in options else 0
+        return st.selectbox(label, options, index=index, help=help_, key=key)
     if f["kind"] == "bool":
         return st.checkbox(label, value=str(value).lower() in ("1", "true", "yes"), help=help_, key=key)
     if f["kind"] == "int":
@@ -46,6 +48,7 @@ def _widget(f: dict, value):
 
 
 fields = api.config_fields(name)
+choices = ui.field_choices(name, fields)
 cached = api.cached(name)
 # With a cached result the form folds away so the figures are in view; it opens when there is none.
 with st.expander("Options · Run", expanded=not cached), st.form(f"form:{name}", border=False):
@@ -53,7 +56,7 @@ with st.expander("Options · Run", expanded=not cached), st.form(f"form:{name}",
     values = {}
     for i, f in enumerate(fields):
         with cols[i % 2]:
-            values[f["name"]] = _widget(f, ui.param(f["name"], f["default"]))
+            values[f["name"]] = _widget(f, params.field(f, choices.get(f["name"])), choices.get(f["name"]))
     force = st.checkbox("Recompute even if cached", value=False)
     submitted = st.form_submit_button("Run", type="primary")
 

@@ -3,9 +3,10 @@ by top tokens) -> latent page with the dashboard data (the `dashboards` analysis
 
 import streamlit as st
 
+from workbench import api
 from workbench.app_pages import _common as ui
 from workbench.app_pages import _latent
-from workbench import api
+from workbench.app_pages import _params as params
 
 st.title("Feature explorer")
 
@@ -24,7 +25,7 @@ def _picked(ids: list[int]) -> None:
 with st.sidebar:
     known = ui.dictionaries()
     picked = st.selectbox("Dictionary", known, format_func=lambda p: p.rstrip("/").rsplit("/", 1)[-1])
-    typed = st.text_input("…or a dictionary folder", value=ui.param("dictionary", ""), key="dictionary_path")
+    typed = st.text_input("…or a dictionary folder", value=params.text("dictionary"), key="dictionary_path")
 path = typed.strip() or picked
 if not path:
     st.info(
@@ -86,7 +87,8 @@ st.dataframe(
 st.caption(f"{len(rows)} of {res.n_latents} latents shown · click a row to open it")
 
 if "latent" not in st.session_state:
-    st.session_state["latent"] = int(ui.param("latent", rows[0]["latent"] if rows else 0))
+    first = rows[0]["latent"] if rows else 0
+    st.session_state["latent"] = params.integer("latent", first, lo=0, hi=int(res.n_latents) - 1)
 latent = int(st.number_input(f"Latent (0..{res.n_latents - 1})", min_value=0, step=1, key="latent"))
 with ui.guard("cannot show this latent"):
     _latent.show(res, latent, "latent", _goto)

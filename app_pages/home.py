@@ -5,8 +5,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from workbench.app_pages._common import guard
 from workbench import api
+from workbench.app_pages._common import guard
 
 st.title("Mechanistic interpretability workbench")
 st.caption(

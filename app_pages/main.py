@@ -21,6 +21,7 @@ PAGES = [
     st.Page(HERE / "neuron_explorer.py", title="Neuron explorer", icon=":material/neurology:"),
     st.Page(HERE / "feature_explorer.py", title="Feature explorer", icon=":material/extension:"),
     st.Page(HERE / "analyses.py", title="Analyses", icon=":material/analytics:"),
+    st.Page(HERE / "patching.py", title="Patching", icon=":material/compare_arrows:"),
 ]
 
 st.navigation(PAGES).run()

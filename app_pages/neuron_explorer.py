@@ -4,9 +4,10 @@ the cached `dashboards` analysis over the store's MLP activations (computed on r
 
 import streamlit as st
 
+from workbench import api
 from workbench.app_pages import _common as ui
 from workbench.app_pages import _latent
-from workbench import api
+from workbench.app_pages import _params as params
 
 st.title("Neuron explorer")
 
@@ -20,7 +21,9 @@ with st.sidebar:
     picked = ui.store_picker(stores)
     options = [s["path"] for s in stores]
     typed = st.text_input(
-        "…or a store path", value="" if ui.param("store") in options else ui.param("store"), key="store_path"
+        "…or a store path",
+        value="" if params.text("store") in options else params.text("store"),
+        key="store_path",
     )
 store_path = typed.strip() or picked
 if not store_path:
@@ -39,13 +42,13 @@ if not mlp_sites:
     st.error(f"Store {store_path} holds no MLP activations (sites: {', '.join(store.sites)}).")
     st.stop()
 layers = [int(s.split(".")[1]) for s in mlp_sites]
+wanted = params.choice("layer", layers, layers[0])  # an error here shows in the main area
 with st.sidebar:
-    wanted = int(ui.param("layer", layers[0]))
-    layer = st.selectbox("Layer", layers, index=layers.index(wanted) if wanted in layers else 0)
+    layer = st.selectbox("Layer", layers, index=layers.index(wanted))
 site = f"blocks.{layer}.mlp.hook_post"
 d_mlp = store.shape(site)[-1]
 if "neuron" not in st.session_state:
-    st.session_state["neuron"] = int(ui.param("neuron", 0))
+    st.session_state["neuron"] = params.integer("neuron", 0, lo=0, hi=d_mlp - 1)
 neuron = int(st.number_input(f"Neuron (0..{d_mlp - 1})", min_value=0, step=1, key="neuron"))
 st.caption(f"{site} of {store.config['model']} · {store.n_rows:,} tokens")
 

@@ -4,8 +4,9 @@ next-token predictions. One cached forward pass per (model, text, layer, diction
 
 import streamlit as st
 
-from workbench.app_pages import _common as ui
 from workbench import api
+from workbench.app_pages import _common as ui
+from workbench.app_pages import _params as params
 
 DEFAULT_TEXT = "The capital of France is Paris. The capital of Germany is"
 
@@ -24,25 +25,26 @@ def _model_of(path: str) -> str | None:
 
 
 st.title("Prompt lens")
+first_layer = params.integer("layer", 0, lo=0)  # the model's own bound is checked by the lens
 with st.sidebar:
     model_key = st.text_input(
         "Model",
-        value=ui.param("model", ui.DEFAULT_MODEL),
+        value=params.text("model", ui.DEFAULT_MODEL),
         help="A model key, local HF folder or Hub id",
         key="model",
     )
-    layer = int(st.number_input("Layer", min_value=0, value=int(ui.param("layer", 0)), step=1))
+    layer = int(st.number_input("Layer", min_value=0, value=first_layer, step=1))
     mode = st.radio("Colour tokens by", ["MLP neuron", "SAE latent", "residual norm"], key="mode")
     known = ui.dictionaries()
     # offer the first dictionary trained on this model (others would not fit its activations)
     fits = [d for d in known if _model_of(d) == model_key.strip()]
     dictionary = st.text_input(
         "Dictionary folder (SAE / transcoder)",
-        value=ui.param("dictionary", fits[0] if fits else ""),
+        value=params.text("dictionary", fits[0] if fits else ""),
         help="SAELens-format folder (cfg.json + safetensors); trained ones: " + (", ".join(known) or "none"),
         key="dictionary",
     )
-text = st.text_area("Text", value=ui.param("text", DEFAULT_TEXT), height=90, key="text")
+text = st.text_area("Text", value=params.text("text", DEFAULT_TEXT), height=90, key="text")
 
 view = None
 with ui.guard("cannot run the prompt lens"):

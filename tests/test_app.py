@@ -5,9 +5,11 @@ error element, never an exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import re
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -30,8 +32,8 @@ def home(tmp_path_factory, tiny_model_dir):
     old = os.environ.get("WORKBENCH_HOME")
     os.environ["WORKBENCH_HOME"] = str(root)
     try:
-        from workbench.app_pages._demo import prefill
         from workbench import api
+        from workbench.app_pages._demo import prefill
 
         filled = prefill(str(tiny_model_dir), n_tokens=384, ctx_len=32)
         torch.manual_seed(0)
@@ -174,8 +176,110 @@ def test_every_registered_analysis_has_a_form(home):
         at.selectbox(key="analysis").set_value(name).run()
         assert not at.exception, name
         fields = api.config_fields(name)
-        keys = {w.key for w in [*at.text_input, *at.number_input, *at.checkbox]}
+        keys = {w.key for w in [*at.text_input, *at.number_input, *at.checkbox, *at.selectbox]}
         assert {f"field:{name}:{f['name']}" for f in fields} <= keys, name
+        hints = typing.get_type_hints(type(api.make_config(name)))
+        for f in fields:  # a field with fixed values (Literal[...]) is a selectbox of exactly those
+            if typing.get_origin(hints[f["name"]]) is typing.Literal:
+                box = at.selectbox(key=f"field:{name}:{f['name']}")
+                assert box.options == [str(c) for c in typing.get_args(hints[f["name"]])], f["name"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoiceConfig:
+    mode: typing.Literal["fast", "exact"] = "exact"
+    """How to compute."""
+    n: int = 3
+
+
+@pytest.fixture
+def choice_analysis(monkeypatch):
+    """A planted analysis with a Literal field, registered for one test only."""
+    from workbench import analysis
+
+    spec = analysis.AnalysisSpec(
+        "zz-choices", 1, ChoiceConfig, analysis.Result, lambda cfg, ctx: None, "Planted."
+    )
+    analysis.discover()
+    monkeypatch.setitem(analysis._REGISTRY, "zz-choices", spec)
+    return spec
+
+
+def test_fixed_choice_fields_are_selectboxes_prefilled_from_the_url(home, choice_analysis):
+    at = app("analyses", analysis="zz-choices", mode="fast", n="5")
+    box = at.selectbox(key="field:zz-choices:mode")
+    assert (box.options, box.value) == (["fast", "exact"], "fast")
+    assert at.number_input(key="field:zz-choices:n").value == 5
+    at = app("analyses", analysis="zz-choices", mode="slow")
+    assert [e.value for e in at.error] == [
+        "URL parameter mode='slow' is not one of fast, exact; showing exact."
+    ]
+    assert at.selectbox(key="field:zz-choices:mode").value == "exact"
+
+
+# --- URL parameters --------------------------------------------------------------------
+def _expected_url_errors(home) -> list[tuple[str, dict, str]]:
+    from workbench import api
+
+    names = [a["name"] for a in api.list_analyses()]
+    d_mlp = api.open_store(home["store"]).shape("blocks.0.mlp.hook_post")[-1]
+    url = "URL parameter"
+    return [
+        (
+            "analyses",
+            {"analysis": "nope"},
+            f"{url} analysis='nope' is not one of {', '.join(names)}; showing {names[0]}.",
+        ),
+        (
+            "analyses",
+            {"key": "../../etc/passwd"},
+            f"{url} key='../../etc/passwd' is not a result key (64 hex digits).",
+        ),
+        (
+            "analyses",
+            {"key": "0" * 64},
+            "cannot open cached result 000000000000: no cached result 000000000000",
+        ),
+        (
+            "analyses",
+            {"analysis": "activation-stats", "fire_threshold": "hot"},
+            f"{url} fire_threshold='hot' is not a number; showing 0.0.",
+        ),
+        (
+            "analyses",
+            {"analysis": "activation-stats", "n_tokens": "2k"},
+            f"{url} n_tokens='2k' is not a whole number; showing 2048.",
+        ),
+        (
+            "analyses",
+            {"analysis": "activation-stats", "skip_bos": "maybe"},
+            f"{url} skip_bos='maybe' is not true or false; showing True.",
+        ),
+        ("neuron_explorer", {"layer": "7"}, f"{url} layer='7' is not one of 0, 1; showing 0."),
+        ("neuron_explorer", {"layer": "../0"}, f"{url} layer='../0' is not one of 0, 1; showing 0."),
+        (
+            "neuron_explorer",
+            {"neuron": "-3"},
+            f"{url} neuron='-3' is out of range (0..{d_mlp - 1}); showing 0.",
+        ),
+        ("neuron_explorer", {"neuron": "x"}, f"{url} neuron='x' is not a whole number; showing 0."),
+        ("feature_explorer", {"latent": "96"}, f"{url} latent='96' is out of range (0..95); showing "),
+        ("prompt_lens", {"layer": "one"}, f"{url} layer='one' is not a whole number; showing 0."),
+        ("prompt_lens", {"layer": "-1"}, f"{url} layer='-1' is below 0; showing 0."),
+    ]
+
+
+def test_bad_url_parameters_show_one_error_line_and_the_page_carries_on(home):
+    """Every query parameter a page reads is checked: one readable error naming it, never a traceback."""
+    for page, query, message in _expected_url_errors(home):
+        extra = {"model": home["model_dir"], "text": TEXT} if page == "prompt_lens" else {}
+        at = app(page, **query, **extra)
+        shown = [e.value for e in at.error]
+        assert len(shown) == 1 and shown[0].startswith(message), (page, query, shown)
+        bad = list(query)[-1]  # the bad one is last
+        assert bad not in at.query_params or bad == "key" and "cannot open" in message, (page, query)
+    at = app("neuron_explorer", layer="1", neuron="4")  # good values still prefill the page
+    assert at.sidebar.selectbox[1].value == 1 and at.number_input(key="neuron").value == 4
 
 
 # --- prompt lens -----------------------------------------------------------------------
@@ -226,7 +330,7 @@ def test_prompt_lens_colours_by_sae_latent_and_residual_norm(home, tiny_model):
     ("query", "message"),
     [
         ({"layer": "9"}, "layer 9 is out of range"),
-        ({"model": "no-such-model"}, "unknown model 'no-such-model'"),
+        ({"model": "no-such-model"}, "model 'no-such-model'"),  # unknown, or offline and not cached
         ({"dictionary": "/no/such/dictionary"}, "no dictionary folder"),
     ],
 )
