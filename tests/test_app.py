@@ -453,3 +453,28 @@ def test_background_job_reports_progress_and_errors(home):
     while ui.job(bad).status == "running" and time.time() < deadline:
         time.sleep(0.2)
     assert ui.job(bad).status == "failed" and "no activation store" in ui.job(bad).error
+
+
+# --- how the app is served -------------------------------------------------------------
+def test_app_command_serves_loopback_unless_a_host_is_given(monkeypatch):
+    """`workbench app` runs the router shipped in the package on 127.0.0.1; --host opts out."""
+    import os
+
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+
+    launched = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: launched.append(argv))
+    for args, address in ([], "127.0.0.1"), (["--host", "0.0.0.0"], "0.0.0.0"), (["--address", "::1"], "::1"):
+        assert CliRunner().invoke(cli, ["app", "--port", "8599", *args]).exit_code == 0
+        argv = launched.pop()
+        assert argv[argv.index("--server.address") + 1] == address
+        assert argv[argv.index("run") + 1] == str(APP)
+
+
+def test_router_config_keeps_the_server_on_loopback():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    config = tomllib.loads((APP.parent / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
