@@ -95,6 +95,7 @@ class PatchingConfig:
             raise tasks.TaskError(
                 "task is empty: give ioi, ioi-shared, ioi-shared-hard or a .csv/.jsonl file"
             )
+        tasks.fingerprint(self.task)  # a missing task file fails here, before any model loads
 
     def method_list(self) -> tuple[str, ...]:
         methods = tuple(dict.fromkeys(_split(self.methods)))
