@@ -60,6 +60,7 @@ def test_two_processes_capturing_the_same_store(tiny_model, tiny_model_dir, wiki
     assert all(r["complete"] and r["rows"] == 512 for r in reports)
     pids = [r["pid"] for r in reports]
     waits = [line for _, err in results for line in err.splitlines() if "being written by another" in line]
+    print(f"second writer waited: {len(waits)}")  # shown with -s: how often the captures overlapped
     assert len(waits) <= 1  # whoever came second waited for the first, and named it
     assert all(f"(pid {pids[0]})" in w or f"(pid {pids[1]})" in w for w in waits)
 

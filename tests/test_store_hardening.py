@@ -245,3 +245,22 @@ def test_store_files_are_group_readable(tiny_model, tiny_model_dir, wikitext, tm
     assert modes and all(m == (0o775 if (store.root / p).is_dir() else 0o664) for p, m in modes.items()), (
         modes
     )
+
+
+def test_cli_capture_refuses_a_foreign_out_folder_before_loading(
+    tiny_model_dir, wikitext, tmp_path, monkeypatch
+):
+    from workbench import api
+    from workbench.cli import cli
+
+    monkeypatch.setattr(api, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "chapter1.tex").write_text("precious")
+    args = ["capture", "--model", str(tiny_model_dir), "--data", wikitext, "--sites", SITE, "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {out} is not empty and is not an activation store; choose an empty or new folder for --out"
+    )
+    assert [p.name for p in out.iterdir()] == ["chapter1.tex"]

@@ -76,6 +76,10 @@ def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any
 
     config = CaptureConfig(**cfg)
     config.preflight()
+    if out is not None:  # a folder that is not ours is refused before the model loads
+        from workbench.store_state import check_out_folder
+
+        check_out_folder(Path(out))
     store = _capture(config, model=load_model(config.model, config.processing), out=out, progress=progress)
     config.warn_if_short(store.n_rows)
     return store
