@@ -114,10 +114,12 @@ def test_home_lists_models_stores_and_results(home):
     assert "smollm2-135m" in set(models["key"])
     assert list(stores["path"]) == [home["store"]]
     assert stores["rows"][0] == 384
-    shown = {b.key.removeprefix("open-") for b in at.button}
+    shown = {b.key.removeprefix("open-") for b in at.button if b.key.startswith("open-")}
     assert set(home["keys"].values()) | {home["latent_key"]} <= shown
     at.text_input(key="search").set_value("activation-stats").run()
-    assert {b.key.removeprefix("open-") for b in at.button} == {home["keys"]["activation-stats"]}
+    assert {b.key.removeprefix("open-") for b in at.button if b.key.startswith("open-")} == {
+        home["keys"]["activation-stats"]
+    }
     at.text_input(key="search").set_value("no-such-thing").run()
     assert not at.button and "No cached results matching" in at.info[0].value
 
@@ -139,6 +141,51 @@ def test_home_reopens_a_result_on_the_analyses_page(home):
     assert len(charts(at)) == min(2, len(names)) and at.button_group[0].value == names[:2]
     at.button_group[0].set_value(names).run()  # pick every figure
     assert len(charts(at)) == len(names)
+
+
+def test_home_says_what_results_came_from_and_deletes_after_confirming(workbench_home, tiny_model_dir):
+    """A fresh home (not the shared one): two results on one store, one of them deleted, then the store."""
+    from workbench import api
+
+    store = api.capture(
+        model=str(tiny_model_dir), sites=("blocks.*.mlp.hook_post",), n_tokens=128, ctx_len=32, progress=False
+    )
+    plain = api.run("activation-stats", store=str(store.root)).cache_key
+    tuned = api.run("activation-stats", store=str(store.root), fire_threshold=0.25).cache_key
+    at = app()
+    about = {r["key"]: r for r in api.results_table()}
+    captions = [c.value for c in at.caption]
+    for key in (plain, tuned):  # "computed from": the store, its site(s) and the non-default options
+        row = about[key[:16]]
+        assert row["from"] == store.root.name
+        assert (
+            " · ".join(x for x in (f"store {store.root.name[:12]}", row["site"], row["options"]) if x)
+            in captions
+        )
+    assert about[tuned[:16]]["options"] == "fire_threshold=0.25" and about[plain[:16]]["options"] == ""
+
+    at.button(key=f"delete-{tuned}").click().run()
+    assert [w.value for w in at.warning] == [
+        f"Delete this activation-stats result ({tuned[:12]})? Running it again recomputes it."
+    ]
+    at.button(key="cancel_delete").click().run()
+    assert not at.warning and {r["key"] for r in api.cached()} == {plain, tuned}
+    at.button(key=f"delete-{tuned}").click().run()
+    at.button(key="confirm_delete").click().run()
+    assert [x.value for x in at.success] == [f"Deleted the activation-stats result {tuned[:12]}."]
+    assert {r["key"] for r in api.cached()} == {plain} and not api.cache().entry_dir(tuned).exists()
+    assert f"open-{tuned}" not in {b.key for b in at.button}
+
+    (path,) = [s["path"] for s in api.list_stores()]
+    (Path(path) / "notes.txt").write_text("mine")  # a user's file in the store folder is not ours to delete
+    at.selectbox(key="delete_store").set_value(path).run()
+    assert at.warning[0].value.startswith(f"Delete {path} (") and (Path(path) / "run.json").exists()
+    at.button(key="confirm_delete_store").click().run()
+    assert [x.value for x in at.success] == [
+        f"Deleted the activation store {path}. Kept files that are not the store's: notes.txt."
+    ]
+    assert api.list_stores() == [] and (Path(path) / "notes.txt").read_text() == "mine"
+    assert not at.exception and not at.error
 
 
 # --- analyses --------------------------------------------------------------------------
