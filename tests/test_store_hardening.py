@@ -264,3 +264,18 @@ def test_cli_capture_refuses_a_foreign_out_folder_before_loading(
         f"error: {out} is not empty and is not an activation store; choose an empty or new folder for --out"
     )
     assert [p.name for p in out.iterdir()] == ["chapter1.tex"]
+
+
+def test_a_complete_store_whose_tokens_lost_or_doubled_shards_is_repaired(
+    tiny_model, tiny_model_dir, wikitext, monkeypatch
+):
+    """What two concurrent captures left before the lock: 'complete', with some shards' tokens."""
+    import pyarrow as pa
+
+    store = capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
+    tokens = store.tokens()
+    kept = pa.concat_tables([tokens.slice(192, 64), tokens.slice(64, 64), tokens.slice(64, 64)])
+    pq.write_table(kept, store.root / "tokens.parquet")  # shard 3 once, shard 1 twice, 0 and 2 lost
+    monkeypatch.setattr(capture_mod._Capture, "_forward_shard", None)  # tokens need no forward pass
+    again = capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
+    assert again.complete and again.tokens().equals(tokens)

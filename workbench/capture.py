@@ -170,7 +170,7 @@ class _Capture:
         """Forward shard after shard. A site's file is queued for the writer thread as soon as
         the shard's last batch passes its hook, so the writes overlap the rest of the forward pass
         (even in the last shard); the shard is committed once all its files are written."""
-        has_tokens = store_state.token_shards(self.root, self.cfg.shard_seqs)
+        has_tokens = store_state.token_shards(self.root, self.records, self.cfg.ctx_len)
         store_state.remove_orphans(self.root, self.sites, self.done)
         self._write_manifest()  # drop rows of shards that did not survive
         seqs = data.pack(self.cfg.data, self.model.tokenizer, self.cfg.ctx_len, self.cfg.bos)
@@ -329,7 +329,7 @@ class _Capture:
                 "the store was not marked complete: re-run the same capture command"
             )
         n_rows = max(r.row_end for r in self.records)
-        table, changed = store_state.assemble_tokens(self.root, n_shards, self.cfg.shard_seqs)
+        table, changed = store_state.assemble_tokens(self.root, self.records, self.cfg.ctx_len)
         store_state.check_tokens(self.root, table, n_rows, self.cfg.ctx_len)
         if changed:
             tmp = paths.temp_path_for(self.root / "tokens.parquet")

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,9 +69,7 @@ def writer_lock(root: Path) -> Iterator[None]:
     while True:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             log.warning(f"store {root.name} is being written by another capture (pid {holder}); waiting")
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -83,6 +82,19 @@ def writer_lock(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _try_lock(fd: int, tries: int = 5) -> bool:
+    """Take the lock without blocking, retrying briefly: `list_stores` and `rm-store` hold it
+    for microseconds to see whether a capture is running, which is no reason to announce a wait."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt < tries - 1:
+                time.sleep(0.02)
+    return False
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -105,17 +117,37 @@ def good_records(root: Path, sites: list[str]) -> list[ShardRecord]:
     ]
 
 
-def token_shards(root: Path, shard_seqs: int) -> set[int]:
-    """Shards whose tokens are on disk: a part file, or rows of tokens.parquet."""
-    have = {int(m[1]) for p in (root / "tokens").glob("part-*.parquet") if (m := _PART.fullmatch(p.name))}
-    path = root / "tokens.parquet"
-    if path.exists():
-        try:
-            seqs = pq.read_table(path, columns=["seq"]).column("seq").to_numpy()
-            have |= set(np.unique(seqs // shard_seqs).tolist())
-        except Exception:  # noqa: BLE001 - a damaged tokens.parquet counts as absent; it is rewritten
-            pass
-    return have
+def token_shards(root: Path, records: list[ShardRecord], ctx_len: int) -> set[int]:
+    """Shards whose tokens are on disk: a part file, or exactly their rows in tokens.parquet."""
+    return set(_parts(root)) | set(_old_tokens(root, records, ctx_len))
+
+
+def _parts(root: Path) -> dict[int, Path]:
+    folder = root / "tokens"
+    return {int(m[1]): p for p in folder.glob("part-*.parquet") if (m := _PART.fullmatch(p.name))}
+
+
+def _old_tokens(root: Path, records: list[ShardRecord], ctx_len: int) -> dict[int, pa.Table]:
+    """Per shard of `records`, its rows of tokens.parquet if they are all there, once and in
+    order; a damaged file, or one that lost or doubled a shard's rows, counts as absent there."""
+    try:
+        table = pq.read_table(root / "tokens.parquet")
+        seq, pos = table.column("seq").to_numpy(), table.column("pos").to_numpy()
+    except (OSError, KeyError, pa.ArrowException):
+        return {}
+    order = np.argsort(seq, kind="stable")  # a sequence's rows keep their order
+    ranges = {r.shard: (r.row_start, r.row_end) for r in records}
+    found = {}
+    for shard, (start, end) in ranges.items():
+        lo, hi = np.searchsorted(seq[order], [start // ctx_len, end // ctx_len])
+        rows, idx = np.arange(start, end), order[lo:hi]
+        if (
+            len(idx) == len(rows)
+            and np.array_equal(seq[idx], rows // ctx_len)
+            and np.array_equal(pos[idx], rows % ctx_len)
+        ):
+            found[shard] = table.take(idx)
+    return found
 
 
 def remove_orphans(root: Path, sites: list[str], keep: set[int]) -> None:
@@ -133,21 +165,14 @@ def remove_orphans(root: Path, sites: list[str], keep: set[int]) -> None:
                     path.unlink(missing_ok=True)
 
 
-def assemble_tokens(root: Path, n_shards: int, shard_seqs: int) -> tuple[pa.Table, bool]:
-    """The token table of shards 0..n_shards-1 from part files, else from the old tokens.parquet;
-    also whether any part was used (else tokens.parquet is already the whole table)."""
-    old = root / "tokens.parquet"
-    table = pq.read_table(old) if old.exists() else None
-    pieces, used_parts = [], False
-    for shard in range(n_shards):
-        part = root / "tokens" / f"part-{shard:05d}.parquet"
-        if part.exists():
-            pieces.append(pq.read_table(part))
-            used_parts = True
-        elif table is not None:
-            seq = table.column("seq").to_numpy() // shard_seqs
-            pieces.append(table.filter(pa.array(seq == shard)))
-    return (pa.concat_tables(pieces) if pieces else pa.table({})), used_parts
+def assemble_tokens(root: Path, records: list[ShardRecord], ctx_len: int) -> tuple[pa.Table, bool]:
+    """The token table of every shard in `records`, from its part file, else from the old
+    tokens.parquet; also whether any part was used (else tokens.parquet already is that table)."""
+    parts = _parts(root)
+    shards = sorted({r.shard for r in records})
+    old = _old_tokens(root, records, ctx_len) if set(shards) - set(parts) else {}
+    pieces = [pq.read_table(parts[k]) if k in parts else old[k] for k in shards if k in parts or k in old]
+    return (pa.concat_tables(pieces) if pieces else pa.table({"seq": [], "pos": []})), bool(parts)
 
 
 def check_tokens(root: Path, table: pa.Table, n_rows: int, ctx_len: int) -> None:
