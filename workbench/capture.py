@@ -76,9 +76,7 @@ def capture(
     root = Path(out) if out else paths.stores_dir() / run_id[:16]
     existed = root.exists()
     with store_state.writer_lock(root):
-        created = not store_state.is_store(root) and not any(
-            p.name != store_state.LOCK for p in root.iterdir()
-        )
+        created = not store_state.is_store(root) and store_state.only_ours(root)
         run = _open_run(root, cfg, identity, run_id, resolved)
         if run["status"] == "complete":
             if store_state.healthy(root, run):

@@ -53,10 +53,15 @@ def check_out_folder(root: Path) -> None:
     """Refuse an `--out` that holds someone else's files: the store cleans up after itself there."""
     if root.exists() and not root.is_dir():
         raise StoreError(f"{root} is a file, not a folder; choose an empty or new folder for --out")
-    if root.is_dir() and not is_store(root) and any(p.name != LOCK for p in root.iterdir()):
+    if root.is_dir() and not is_store(root) and not only_ours(root):
         raise StoreError(
             f"{root} is not empty and is not an activation store; choose an empty or new folder for --out"
         )
+
+
+def only_ours(root: Path) -> bool:
+    """The folder holds nothing, or only a capture's lock and temp files (one is starting)."""
+    return all(p.name == LOCK or _LEFTOVER.fullmatch(p.name) for p in root.iterdir())
 
 
 @contextmanager
@@ -218,11 +223,12 @@ def remove_new_store(root: Path, sites: list[str], whole_folder: bool) -> None:
     except StoreError:
         return
     remove_orphans(root, sites, keep=set())
-    for name in ("manifest.parquet", "run.json", "tokens.parquet"):
+    for name in ("manifest.parquet", "tokens.parquet"):
         (root / name).unlink(missing_ok=True)
     for folder in [root / "tokens", *(root / "acts" / site_dir(s) for s in sites), root / "acts"]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+    (root / "run.json").unlink(missing_ok=True)  # last: the folder is a store until it is empty
     (root / LOCK).unlink(missing_ok=True)  # a waiter on it notices (inode) and starts over
     if whole_folder and not any(root.iterdir()):
         root.rmdir()
