@@ -1,7 +1,6 @@
-"""The CLI's input checks (before any model loads), the README's --sites example, choices, the
-results listing and deleting results and stores."""
+"""The CLI's input checks (before any model loads), the README's --sites example, choices,
+discovery of analyses."""
 
-import json
 import logging
 
 import pytest
