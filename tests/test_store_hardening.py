@@ -279,3 +279,17 @@ def test_a_complete_store_whose_tokens_lost_or_doubled_shards_is_repaired(
     monkeypatch.setattr(capture_mod._Capture, "_forward_shard", None)  # tokens need no forward pass
     again = capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
     assert again.complete and again.tokens().equals(tokens)
+
+
+def test_a_folder_that_lost_its_run_json_is_not_adopted_by_another_capture(
+    tiny_model, tiny_model_dir, wikitext, tmp_path
+):
+    out = tmp_path / "store"
+    capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, out=out, progress=False)
+    (out / "run.json").unlink()
+    other = _cfg(tiny_model_dir, wikitext, dtype="float16")
+    with pytest.raises(
+        StoreError, match=r"holds a different capture \(its run.json is missing\); choose another"
+    ):
+        capture(other, model=tiny_model, out=out, progress=False)
+    assert capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, out=out, progress=False).complete

@@ -120,8 +120,12 @@ def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resol
                 f"{root} holds a different capture (run {str(run.get('run_id', '?'))[:12]}); choose another --out"
             )
         return run
-    if store_state.is_store(root) and store_state.manifest_run_id(root) not in (run_id, None):
-        raise StoreError(f"{root} holds a different capture (its run.json is missing); choose another --out")
+    if store_state.is_store(root) and store_state.manifest_run_id(root) != run_id:
+        # A manifest from before it named its run is trusted only in the folder named by the run.
+        if store_state.manifest_run_id(root) is not None or root.name != run_id[:16]:
+            raise StoreError(
+                f"{root} holds a different capture (its run.json is missing); choose another --out"
+            )
     run = {
         "run_id": run_id,
         "status": "running",
