@@ -44,6 +44,8 @@ from transformer_lens.model_bridge.generalized_components.mlp import MLPBridge
 from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
 from transformer_lens.model_bridge.generalized_components.unembedding import UnembeddingBridge
 
+from workbench.interventions import model_lock
+
 RULE_NAMES = ("norm", "identity", "half")
 DEFAULT_RULES = ("norm", "identity", "half")  # RelP's default list; AH is opt-in there too
 STABILIZER = 1e-6  # the fork's identity-rule stabiliser: act(x) / (x + 1e-6 sign x)
@@ -237,11 +239,12 @@ def rules(
     plan = _Plan(model, names, ah, epsilon)  # raises on unsupported modules before any hook is added
     level = next(_levels)
     points = list(plan.steps)
-    try:
-        for point in points:
-            point.add_hook(partial(plan.hook, plan.steps[point]), dir="fwd", level=level)
-        yield plan.applied
-    finally:
-        for point in points:
-            point.remove_hooks("fwd", level=level)
-        plan.saved.clear()
+    with model_lock(model):  # a run holds the model's lock, as every intervention block does
+        try:
+            for point in points:
+                point.add_hook(partial(plan.hook, plan.steps[point]), dir="fwd", level=level)
+            yield plan.applied
+        finally:
+            for point in points:
+                point.remove_hooks("fwd", level=level)
+            plan.saved.clear()
