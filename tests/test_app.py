@@ -249,6 +249,8 @@ def choice_analysis(monkeypatch):
     )
     analysis.discover()
     monkeypatch.setitem(analysis._REGISTRY, "zz-choices", spec)
+    rows = [{"name": s.name, "version": s.version, "doc": s.doc} for s in analysis.all_specs()]
+    monkeypatch.setattr(analysis, "listing", lambda: rows)  # not the on-disk listing of the shipped files
     return spec
 
 
