@@ -78,6 +78,42 @@ def test_every_registered_analysis_has_an_example():
     assert set(EXAMPLES) == {s.name for s in analysis.all_specs()}
 
 
+INPUT_NAMES = {"store": "store", "model": "model", "data": "data", "dictionary": "dictionary"}
+
+
+@pytest.mark.parametrize("spec", analysis.all_specs(), ids=lambda s: s.name)
+def test_inputs_declared_and_choices_offered(spec):
+    """Inputs are declared (keys never guess by name), every declared kind is known, and every
+    Literal field is a choice in the CLI and the app's form, with an allowed default."""
+    import dataclasses
+    import typing
+
+    import click
+
+    from workbench import checks, inputs
+    from workbench.cli import _options_from
+
+    declared = inputs.declared_inputs(spec.config_cls)
+    for f in dataclasses.fields(spec.config_cls):
+        if f.name in INPUT_NAMES and "captured" not in f.metadata:
+            assert declared.get(f.name) == INPUT_NAMES[f.name], (
+                f"{spec.name}.{f.name} is not a declared input"
+            )
+    assert set(declared.values()) <= set(inputs._KINDS), declared
+    hints = typing.get_type_hints(spec.config_cls)
+    form = {row["name"]: row for row in api.config_fields(spec.name)}
+    options = {o.name: o for o in _options_from(spec.config_cls)}
+    defaults = spec.make_config()
+    for name, hint in hints.items():
+        allowed = checks.choices(hint)
+        if allowed:
+            assert getattr(defaults, name) in allowed
+            assert form[name]["choices"] == list(allowed)
+            assert isinstance(options[name].type, click.Choice) and list(options[name].type.choices) == list(
+                allowed
+            )
+
+
 def _same_payload(a, b) -> None:
     (plain_a, arrays_a), (plain_b, arrays_b) = a.to_payload(), b.to_payload()
     assert json.loads(json.dumps(plain_a, default=str)) == json.loads(json.dumps(plain_b, default=str))
@@ -98,6 +134,12 @@ def test_analysis_conforms(name, env):
         fig.to_json()  # renders: every trace serialisable
     assert isinstance(loaded.summary(), list) and loaded.summary()
     assert api.run(name, **EXAMPLES[name](env)).cache_key == result.cache_key  # a cache hit
+    example = EXAMPLES[name](env)
+    if (
+        "store" in example
+    ):  # the key comes from declared inputs: another spelling of the store is the same run
+        respelled = {**example, "store": example["store"] + "/"}
+        assert api.key_for(name, api.make_config(name, **respelled)) == result.cache_key
 
 
 def test_cli_exports_dashboards_as_neuronpedia_json(env, tmp_path):

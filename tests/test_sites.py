@@ -50,3 +50,28 @@ def test_to_rows():
     rows = to_rows("blocks.0.attn.hook_pattern", pattern)
     assert rows.shape == (8, 3, 4) and torch.equal(rows[1], pattern[0, :, 1, :])
     assert to_rows("blocks.0.mlp.hook_post", torch.zeros(2, 5, 7)).shape == (10, 7)
+
+
+def test_site_lists_split_on_commas_outside_braces():
+    from workbench.sites import split_patterns
+
+    readme = "blocks.*.mlp.hook_post,blocks.*.hook_resid_{pre,post}"
+    assert split_patterns(readme) == ["blocks.*.mlp.hook_post", "blocks.*.hook_resid_{pre,post}"]
+    assert split_patterns(" a ; b.{x,y} ,, ") == ["a", "b.{x,y}"]
+    assert resolve_sites(readme, NAMES)[:3] == [
+        "blocks.0.hook_resid_post",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.mlp.hook_post",
+    ]
+    for bad, why in (("a.{x,y", "'{' without '}'"), ("a.x}", "'}' without '{'")):
+        with pytest.raises(UnknownSiteError) as err:
+            split_patterns(bad)
+        assert str(err.value) == f"malformed site list '{bad}': {why}"
+
+
+def test_gated_hooks_are_skipped_by_globs_and_named_when_asked_for():
+    names = NAMES + ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"]
+    gated = {"blocks.0.hook_mlp_in": "use_hook_mlp_in", "blocks.1.hook_mlp_in": "use_hook_mlp_in"}
+    assert "blocks.0.hook_mlp_in" not in resolve_sites(["blocks.0.**"], names, gated)
+    with pytest.raises(UnknownSiteError, match="only with use_hook_mlp_in switched on"):
+        resolve_sites(["blocks.*.hook_mlp_in"], names, gated)
