@@ -147,9 +147,12 @@ def list_cmd() -> None:
 @cli.command("results")
 @click.option("--analysis", default=None, help="Only this analysis.")
 @click.option("--search", default=None, help="Substring of the config, analysis or model.")
-def results_cmd(analysis: str | None, search: str | None) -> None:
+@click.option("--reindex", is_flag=True, help="Rebuild the results index from the entry folders first.")
+def results_cmd(analysis: str | None, search: str | None, reindex: bool) -> None:
     """List cached results, newest first, with what each was computed from (store, site, options
     that differ from the defaults)."""
+    if reindex:
+        click.echo(f"indexed {api.cache().reindex()} cached results")
     _print_rows(api.results_table(analysis, search))
 
 

@@ -1,0 +1,71 @@
+"""Results cache under concurrency: several processes opening the same FRESH cache at the same instant.
+
+Each worker process waits on a barrier, then opens a cache folder nobody has opened yet, writes to it
+and lists it; this repeats for several rounds, so one test run makes many real collisions while the
+process start-up (importing torch, which dominates the cost) is paid once. Before the index lock,
+the `PRAGMA journal_mode=WAL` of two first openers raised `database is locked` about one run in
+eight. `collide()` is also what the 50-round stress loop quoted in the cache's history runs.
+"""
+
+import multiprocessing as mp
+import traceback
+
+import torch
+
+from workbench.cache import ResultsCache
+
+PUTS, LISTS = 2, 5  # per worker and round
+
+
+def _key(round_: int, worker: int, i: int) -> str:
+    return f"{round_:032x}{worker:016x}{i:016x}"
+
+
+def _open_write_list(root, worker, rounds, barrier):
+    errors = []
+    for r in range(rounds):
+        barrier.wait(600)  # every worker opens round r's fresh cache at the same instant
+        try:
+            cache = ResultsCache(root / f"round-{r}")
+            for i in range(PUTS):  # each put and list opens the index again, as the app and jobs do
+                cache.put(
+                    _key(r, worker, i),
+                    config={"worker": worker},
+                    meta={"analysis": "t", "version": 1},
+                    result={"worker": worker},
+                    arrays={"x": torch.full((4,), float(worker))},
+                )
+                for _ in range(LISTS):
+                    cache.list()
+        except Exception:  # noqa: BLE001 - reported to the parent, which fails the test with it
+            errors.append(f"round {r} worker {worker}: {traceback.format_exc(limit=-2)}")
+    (root / f"errors-{worker}.txt").write_text("".join(errors))
+
+
+def collide(root, workers: int, rounds: int) -> list[str]:
+    """Run `workers` processes through `rounds` simultaneous fresh opens; the errors they raised."""
+    # forkserver children are fresh processes (no sqlite state inherited); preloading the cache
+    # module in the server saves each child the ~10 s CPU of importing torch under `spawn`.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["workbench.cache", "torch"])
+    barrier = ctx.Barrier(workers)
+    args = [(root, w, rounds, barrier) for w in range(workers)]
+    procs = [ctx.Process(target=_open_write_list, args=a) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(900)
+    found = [f"worker exit codes {[p.exitcode for p in procs]}"] if any(p.exitcode for p in procs) else []
+    reports = [root / f"errors-{w}.txt" for w in range(workers)]
+    return found + [r.read_text() for r in reports if not r.exists() or r.read_text()]
+
+
+def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path):
+    workers, rounds = 4, 10
+    assert collide(tmp_path, workers, rounds) == []
+    for r in range(rounds):
+        cache = ResultsCache(tmp_path / f"round-{r}")
+        keys = [_key(r, w, i) for w in range(workers) for i in range(PUTS)]
+        assert sorted(row["key"] for row in cache.list()) == keys
+        for w in range(workers):
+            assert cache.get(_key(r, w, PUTS - 1)).result == {"worker": w}
