@@ -283,17 +283,9 @@ class ResultsCache:
                 n = self._fill(db)
         finally:
             db.close()
-        if damage is not None:
-            log.warning(
-                "results index %s was damaged (%s): moved aside as index.sqlite.damaged-%s, "
-                "rebuilt from %d entries",
-                self.index_path,
-                damage,
-                stamp,
-                n,
-            )
-        elif n:
-            log.warning("results index %s was missing: rebuilt from %d entries", self.index_path, n)
+        if damage is not None or n:
+            how = f"was damaged ({damage}), moved aside as *.damaged-{stamp}," if damage else "was missing,"
+            log.warning("results index %s %s rebuilt from %d entries", self.index_path, how, n)
 
     def _fill(self, db: sqlite3.Connection) -> int:
         db.execute("DELETE FROM entries")
