@@ -199,3 +199,26 @@ def test_weights_unchanged_after_a_run_and_a_failing_run(model, monkeypatch):
     assert all(p.grad is None for p in model.parameters())
     leftover = [n for n, hp in model.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
     assert leftover == []
+
+
+def test_patching_the_only_differing_embedding_is_the_clean_run(model):
+    tt = tasks.tokenize(tasks.load_task("ioi", 2, seed=3), model)
+    out = compute.run_task(model, tt, _options(model, methods=("ap",), metric="normalized"))
+    row0 = out.scores["ap/resid_pre"].mean(0)[0]  # layer 0 = the token embeddings
+    assert row0.count_nonzero() == 1  # every other position is an identical value: exactly 0
+    assert float(row0.max()) == pytest.approx(1.0, abs=1e-3)  # M = 1 on the clean run
+
+
+@pytest.mark.slow
+def test_smollm2_does_ioi_and_relp_tracks_ap_on_the_residual_stream(smollm2):
+    from workbench import api
+    from workbench.context import POOL
+
+    POOL.put(smollm2)
+    r = api.run("patching", n_prompts=2, methods="ap,atp,relp", components="resid_pre")
+    assert r.baselines["ld_clean"] > 1 and r.baselines["ld_corrupted"] < -1  # IOI solved, swap flips it
+    assert r.pearson()["relp"]["resid_pre"] > 0.9
+    # Only the subject token differs: patching its embedding (resid_pre of layer 0) IS the clean
+    # run, so that one cell is exactly M = 1 and every other layer-0 cell exactly 0.
+    row0 = r.map("ap", "resid_pre")[0]
+    assert row0.count_nonzero() == 1 and float(row0.max()) == pytest.approx(1.0, abs=1e-4)

@@ -32,15 +32,21 @@ def sweep(
     max_rows: int,
     points: dict | None = None,
     progress: Callable[[int], None] | None = None,
+    skip_identical: bool = True,
 ) -> tuple[Float[torch.Tensor, "patch batch"], int]:
     """Effect of each patch on each prompt (metric(patched) - metric(base)), and the model calls made.
 
     `source`/`base`: hook name -> activation [batch, pos, ...] of the source and base runs.
-    `max_rows`: most batch rows per forward pass (patches x prompts).
+    `max_rows`: most batch rows per forward pass (patches x prompts). `skip_identical=False` runs
+    even the patches that replace a value by itself (benchmarks: batching alone).
     """
     b = base_tokens.shape[0]
     effects = torch.zeros(len(patch_list), b)
-    todo = [i for i, p in enumerate(patch_list) if not _same(source[p.hook], base[p.hook], p.index)]
+    todo = [
+        i
+        for i, p in enumerate(patch_list)
+        if not (skip_identical and _same(source[p.hook], base[p.hook], p.index))
+    ]
     per_call = max(1, max_rows // b)
     calls = 0
     for start in range(0, len(todo), per_call):

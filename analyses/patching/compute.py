@@ -34,6 +34,7 @@ class Options:
     relp_rules: tuple[str, ...] = ("norm", "identity", "half")
     relp_ah: bool = False
     max_rows: int = 256
+    skip_identical: bool = True  # AP: patches that replace a value by an identical one are exact no-ops
 
 
 @dataclass
@@ -131,7 +132,18 @@ def _method(model, method, g: Group, cache: Cache, metric, hooks, points, opt: O
         patch_list = [
             p for c in opt.components for p in comp.patches(c, model.cfg.n_layers, n_pos, opt.heads)
         ]
-        effects, calls = sweep(model, tokens, src, dst, patch_list, metric, base_values, opt.max_rows, points)
+        effects, calls = sweep(
+            model,
+            tokens,
+            src,
+            dst,
+            patch_list,
+            metric,
+            base_values,
+            opt.max_rows,
+            points,
+            skip_identical=opt.skip_identical,
+        )
         return dict(zip(patch_list, effects.unbind(0))), calls
     if method == "ig":
         grads, calls = integrated_gradients(
