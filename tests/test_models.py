@@ -13,7 +13,9 @@ from workbench.sites import to_rows
 
 def test_unknown_model_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotAvailableError, match="not a known key or local folder.*smollm2-135m"):
+    with pytest.raises(
+        ModelNotAvailableError, match="not a workbench key \\(smollm2-135m, gemma-3-270m\\) or a local folder"
+    ):
         load_model("definitely-not-a-model-xyz")
     with pytest.raises(ValueError, match="processing must be one of"):
         load_model("smollm2-135m", processing="folded")

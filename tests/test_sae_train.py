@@ -123,7 +123,7 @@ def test_train_sae_analysis_end_to_end(store):
     assert api.run("train-sae", **opts).dictionary == res.dictionary  # a cache hit, same folder
     with pytest.raises(ValueError, match="choose --site"):
         api.run("train-sae", store=str(store.root), arch="topk")
-    with pytest.raises(ValueError, match="unknown arch"):
+    with pytest.raises(ValueError, match=r"arch must be one of \['standard', 'topk'.*got 'nope'"):
         api.run("train-sae", store=str(store.root), arch="nope")
 
 
