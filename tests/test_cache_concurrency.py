@@ -61,7 +61,7 @@ def collide(root, workers: int, rounds: int) -> list[str]:
 
 
 def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path):
-    workers, rounds = 4, 10
+    workers, rounds = 4, 25
     assert collide(tmp_path, workers, rounds) == []
     for r in range(rounds):
         cache = ResultsCache(tmp_path / f"round-{r}")
@@ -69,3 +69,16 @@ def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path):
         assert sorted(row["key"] for row in cache.list()) == keys
         for w in range(workers):
             assert cache.get(_key(r, w, PUTS - 1)).result == {"worker": w}
+
+
+def test_processes_meeting_a_garbled_index_at_once_rebuild_it_once(tmp_path):
+    workers, rounds = 4, 4
+    for r in range(rounds):  # each round's cache holds one entry and a garbled index
+        seed = ResultsCache(tmp_path / f"round-{r}")
+        seed.put("f" * 64, config={}, meta={"analysis": "t"}, result={}, arrays={"x": torch.zeros(1)})
+        seed.index_path.write_bytes(b"not a database " * 1000)
+    assert collide(tmp_path, workers, rounds) == []
+    for r in range(rounds):
+        root = tmp_path / f"round-{r}"
+        assert len(list(root.glob("index.sqlite.damaged-*"))) == 1  # one repairer, the rest waited
+        assert len(ResultsCache(root).list()) == workers * PUTS + 1
