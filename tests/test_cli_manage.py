@@ -110,7 +110,7 @@ def test_preset_capture_options_yield_to_a_given_store(store, tmp_path):
     assert wb.cached()[0]["config"]["n_tokens"] == 128 and wb.cached()[0]["config"]["ctx_len"] == 32
 
 
-@pytest.mark.parametrize("command", [["--help"], ["models"], ["results"], ["list"]], ids=" ".join)
+@pytest.mark.parametrize("command", [["--help"], ["models"], ["results"], ["stores"], ["list"]], ids=" ".join)
 def test_commands_that_compute_nothing_do_not_import_torch(command, tmp_path):
     env = {**os.environ, "WORKBENCH_HOME": str(tmp_path)}
     code = (

@@ -55,7 +55,7 @@ def open_store(root: str | Path) -> ActivationStore:
 
 def list_stores(root: Path | None = None) -> list[dict]:
     """Stores under $WORKBENCH_HOME/stores with provenance and size."""
-    from workbench.store import list_stores as _list
+    from workbench.store_index import list_stores as _list
 
     return _list(root)
 
