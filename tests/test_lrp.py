@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny_model_dir
 
-from workbench.lrp import STABILIZER, LRPRuleError, check_rules, rules
+from workbench.lrp import STABILIZER, LRPRuleError, _norm_rule, check_rules, rules
 
 _LEVEL = -4242  # the tests' own hooks
 TOKENS = torch.tensor(
@@ -257,3 +258,49 @@ def test_bad_rule_names_and_epsilon_are_one_line_errors(tiny_model):
     ):
         pass
     assert isinstance(LRPRuleError("x"), ValueError)  # the CLI prints ValueErrors as `error: ...`, exit 2
+
+
+def test_norm_rule_closed_form_and_the_generic_path_for_weightless_norms(gpt2_model):
+    """LayerNorm: dx = centre(dy * w) / s with s held constant; a norm whose weight step is overridden
+    (LNPre: no weight, no bias) is differentiated through that override: dx = centre(dy) / s."""
+    ln = gpt2_model.blocks[0].ln2
+    gen = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(2, 5, 64, generator=gen), torch.randn(2, 5, 64, generator=gen)
+    xc = x - x.mean(-1, keepdim=True)
+    s = (xc.pow(2).mean(-1, keepdim=True) + ln.original_component.eps).sqrt()
+
+    def centre(t):
+        return t - t.mean(-1, keepdim=True)
+
+    (dx,) = _norm_rule(ln)(dy, x)
+    torch.testing.assert_close(dx, centre(dy * ln.weight) / s)
+
+    class Pre(type(ln)):
+        def _apply_weight_and_bias(self, hidden, dtype):
+            return hidden.to(dtype)
+
+    pre = copy.copy(ln)  # shallow: shares the pooled model's parameters, changes nothing on it
+    pre.__class__ = Pre
+    (dx_pre,) = _norm_rule(pre)(dy, x)
+    torch.testing.assert_close(dx_pre, centre(dy) / s)
+    assert type(ln) is not Pre
+
+
+@pytest.mark.slow
+def test_smollm2_forward_unchanged_and_conserving_under_the_rules(smollm2):
+    """The real model: every rule fires in every layer, the logits do not move, and with the AH rule the
+    logit difference is conserved down to the token embeddings (SmolLM2 is bias-free)."""
+    tokens = smollm2.to_tokens("When Mary and John went to the shops, John gave the bag to")
+    plain = smollm2(tokens)
+    with rules(smollm2, ah=True, epsilon=1e-6) as applied:
+        ruled = smollm2(tokens)
+    assert (ruled - plain).abs().max().item() == 0.0
+    n = smollm2.cfg.n_layers
+    assert dict(applied) == {"norm": 2 * n + 1, "identity": n, "half": n, "ah": n, "epsilon": 7 * n + 1}
+    mary, john = (smollm2.to_single_token(t) for t in (" Mary", " John"))
+    with grab(smollm2, ["embed.hook_out"]) as got, rules(smollm2, ah=True):
+        logits = smollm2(tokens)
+        metric = logits[0, -1, mary] - logits[0, -1, john]
+        (grad,) = torch.autograd.grad(metric, got["embed.hook_out"])
+    assert metric.item() > 1  # the model does IOI
+    assert rel_err((got["embed.hook_out"] * grad).sum().item(), metric.item()) < 1e-4

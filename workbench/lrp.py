@@ -77,20 +77,33 @@ def _stabilize(x: torch.Tensor) -> torch.Tensor:
 
 
 def _norm_rule(norm: NormalizationBridge) -> Rule:
-    """d y / d x of the norm with the scale (std or rms of x) detached, by the Bridge's own weight/bias code."""
+    """dy/dx of the norm with the scale (std or rms of x) held constant.
+
+    y = c(x) / s * w + b (c centres for LayerNorm, is the identity for RMSNorm), so with s constant
+    dx = c(dy * w) / s. Norm bridges that override the weight step (LNPre, RMSPre) are differentiated
+    through that override instead (one small autograd call per norm in the backward).
+    """
     oc = norm.original_component
     eps = (
         getattr(oc, "eps", None) or getattr(oc, "variance_epsilon", None) or getattr(norm.config, "eps", 1e-5)
     )
+    closed_form = type(norm)._apply_weight_and_bias is NormalizationBridge._apply_weight_and_bias
+    centre = not norm.uses_rms_norm
 
     def rule(grad: torch.Tensor, x: torch.Tensor):
+        xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        centred = xf - xf.mean(-1, keepdim=True) if centre else xf
+        scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        if closed_form:
+            weight = norm.weight + 1.0 if getattr(norm.config, "rmsnorm_uses_offset", False) else norm.weight
+            g = grad.to(xf.dtype) * weight.to(xf.dtype)
+            g = g - g.mean(-1, keepdim=True) if centre else g
+            return ((g / scale).to(x.dtype),)
         with torch.enable_grad():
-            x_ = x.detach().requires_grad_(True)
-            xf = x_ if x.dtype in (torch.float32, torch.float64) else x_.float()
-            centred = xf if norm.uses_rms_norm else xf - xf.mean(-1, keepdim=True)
-            scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt().detach()
-            y = norm._apply_weight_and_bias(centred / scale, x.dtype)
-            return torch.autograd.grad(y, x_, grad)
+            x_ = xf.detach().requires_grad_(True)
+            c = x_ - x_.mean(-1, keepdim=True) if centre else x_
+            (dx,) = torch.autograd.grad(norm._apply_weight_and_bias(c / scale, x.dtype), x_, grad)
+        return (dx.to(x.dtype),)
 
     return rule
 
