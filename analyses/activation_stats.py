@@ -44,7 +44,7 @@ class StatsConfig:
     def capture_config(self) -> CaptureConfig:
         return CaptureConfig(
             model=self.model,
-            sites=tuple(self.sites.split(",")),
+            sites=self.sites,  # CaptureConfig splits it on commas outside {a,b}
             data=self.data,
             n_tokens=self.n_tokens,
             ctx_len=self.ctx_len,

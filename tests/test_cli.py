@@ -178,3 +178,10 @@ def test_registering_a_name_twice_is_an_error():
     assert str(err.value) == (
         "analysis 'activation-stats' is registered twice: by workbench.analyses.activation_stats and by somewhere.else"
     )
+
+
+def test_analysis_capture_keeps_brace_site_lists():
+    cfg = wb.api.make_config(
+        "activation-stats", sites="blocks.*.mlp.hook_post,blocks.*.hook_resid_{pre,post}"
+    )
+    assert cfg.capture_config().sites == ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_{pre,post}")
