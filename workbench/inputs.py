@@ -103,8 +103,9 @@ def fingerprints(cfg: Any) -> dict[str, Any]:
 def canonical_config(cfg: Any) -> dict[str, Any]:
     """The config as a JSON-able dict with every set input value in its canonical spelling."""
     out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    skip = superseded(cfg)  # the store's recorded values, verbatim: the same store, the same key anywhere
     for name, kind in declared_inputs(cfg).items():
-        if out[name]:
+        if out[name] and name not in skip:
             out[name] = _kind(kind)[1](str(out[name]))
     return out
 
