@@ -95,6 +95,23 @@ def test_option_conflicting_with_the_store_is_an_error(store):
     )
 
 
+def test_typed_option_equal_to_the_default_still_conflicts(store, tiny_model_dir):
+    """On the command line, `--model smollm2-135m` is the user's word even though it is the default."""
+    out = CliRunner().invoke(
+        cli,
+        ["run", "activation-stats", "--store", str(store.root), "--model", "smollm2-135m", "--ctx-len", "32"],
+    )
+    assert out.exit_code == 2
+    assert out.output.strip() == (
+        f"error: --model smollm2-135m conflicts with the store (captured from {tiny_model_dir}); "
+        "drop --model or pick another store"
+    )
+    same = CliRunner().invoke(
+        cli, ["run", "activation-stats", "--store", str(store.root), "--ctx-len", "32", "--json"]
+    )
+    assert same.exit_code == 0, same.output  # a typed value equal to the store's is fine
+
+
 def test_result_records_the_store_and_the_model_it_was_captured_from(store):
     result = wb.run("activation-stats", store=str(store.root) + "/")
     entry = api.cache().get(result.cache_key)

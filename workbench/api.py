@@ -16,6 +16,7 @@ import logging
 import platform
 import subprocess
 import time
+from collections.abc import Collection
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,11 +130,16 @@ def run(
     force: bool = False,
     progress: Progress | None = None,
     results: ResultsCache | None = None,
+    explicit: Collection[str] = (),
     **overrides: Any,
 ) -> analysis.Result:
-    """Run an analysis, or return its cached result. A corrupt cache entry is recomputed."""
+    """Run an analysis, or return its cached result. A corrupt cache entry is recomputed.
+
+    With a store, the capture options come from it; one that differs is an error, and so is one
+    named in `explicit` (options the user typed) even when it equals the default."""
     spec = analysis.get(name)
-    cfg = inputs.resolve_captured(make_config(name, cfg, **overrides))  # a store supersedes capture options
+    cfg = make_config(name, cfg, **overrides)
+    cfg = inputs.resolve_captured(cfg, explicit=explicit)  # a store supersedes capture options
     if hasattr(cfg, "capture_config") and not inputs.canonical_value(cfg, "store"):
         cfg.capture_config().preflight()  # bad text or ctx_len fails before the model loads
     results = results or cache()

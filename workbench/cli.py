@@ -271,7 +271,11 @@ class RunGroup(click.Group):
         @_guard
         def callback(force: bool, html: str | None, as_json: bool, preset: str | None, **kwargs):
             kwargs = _apply_preset(spec.name, preset, kwargs)
-            result = api.run(spec.name, force=force, **kwargs)
+            ctx = click.get_current_context()
+            typed = {
+                k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+            }
+            result = api.run(spec.name, force=force, explicit=typed, **kwargs)
             if as_json:
                 click.echo(json.dumps(result.summary(), default=str, indent=2))
             else:

@@ -21,7 +21,7 @@ smollm2-135m); drop --model or pick another store"), never a silently mislabelle
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +118,13 @@ def store_run(path: str) -> dict[str, Any]:
     return ActivationStore(path).run
 
 
-def resolve_captured(cfg: Any, flag: Callable[[str], str] | None = None) -> Any:
+def resolve_captured(
+    cfg: Any, flag: Callable[[str], str] | None = None, explicit: Collection[str] = ()
+) -> Any:
     """`cfg` with every captured field whose store is set replaced by the store's value.
 
-    A field left at its default takes the store's value silently; a value the user changed
+    A field left at its default takes the store's value silently, unless it is in `explicit`
+    (the CLI's typed options: `--model smollm2-135m` on a gemma store is a conflict too); a value
     that differs from the store's raises InputConflictError. `flag` spells a field name for the
     message (the CLI's `--n-tokens`); by default the field name itself."""
     flag = flag or (lambda name: "--" + name.replace("_", "-"))
@@ -138,7 +141,9 @@ def resolve_captured(cfg: Any, flag: Callable[[str], str] | None = None) -> Any:
             continue  # the store does not record it: the field is simply not used
         theirs, ours = recorded[key], getattr(cfg, f.name)
         recorded_fp = run.get("identity", {}).get(key)
-        if _is_default(f, ours) or _same(ours, theirs, f.metadata.get("input"), recorded_fp):
+        if (f.name not in explicit and _is_default(f, ours)) or _same(
+            ours, theirs, f.metadata.get("input"), recorded_fp
+        ):
             updates[f.name] = _as_field_type(theirs, ours)
             continue
         origin = recorded.get("model", "?") + ("" if key == "model" else f", {key}={_show(theirs)}")
