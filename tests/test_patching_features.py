@@ -22,6 +22,7 @@ from workbench.sae.io import load_dictionary, save_dictionary
 from workbench.tasks import load_task, tokenize
 
 SAE_SITE = "blocks.0.hook_resid_post"
+Z_SITE = "blocks.1.attn.hook_z"  # [batch, pos, n_heads, d_head]
 TC_IN, TC_OUT = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
 
 
@@ -38,10 +39,13 @@ def dictionaries(tmp_path_factory):
     tc = build(
         ArchSpec("transcoder", 64, 32, d_out=64), {"hook_name": TC_IN, "hook_name_out": TC_OUT}, seed=2
     )
-    return {name: load_dictionary(save_dictionary(d, root / name)) for name, d in (("sae", sae), ("tc", tc))}
+    z = build(ArchSpec("standard", 64, 32), {"hook_name": Z_SITE}, seed=3)  # SAELens hook_z layout
+    z.cfg.reshape_activations = "hook_z"
+    made = (("sae", sae), ("tc", tc), ("z", z))
+    return {name: load_dictionary(save_dictionary(d, root / name)) for name, d in made}
 
 
-@pytest.mark.parametrize("kind", ["sae", "tc"])
+@pytest.mark.parametrize("kind", ["sae", "tc", "z"])
 def test_splice_leaves_the_forward_pass_bit_identical(kind, tiny_model, task, dictionaries):
     sae, tokens = dictionaries[kind], task.groups[0].corrupted
     plain = tiny_model(tokens)
@@ -59,28 +63,40 @@ def _acts(model, tokens, hook):
     return got[0]
 
 
-def _by_hand(model, task, sae, hook_in, hook_out, method):
+def _by_hand(model, task, sae, hook_in, hook_out, method, direction):
     """Per prompt, without any splice: the site score (a_clean - a_corr) . dM/da from the patching
     gradients, and each latent's (f_clean - f_corr) * (W_dec dM/da) summed over positions."""
     site, latents = torch.zeros(len(task.pairs)), torch.zeros(len(task.pairs), sae.cfg.d_sae)
     for g in task.groups:
         metric = PromptMetric("logit_diff", g.answer, g.wrong)
         with lrp.rules(model) if method == "relp" else torch.enable_grad():
-            grad = gradients(model, g.corrupted, [hook_out], metric, torch.arange(len(g.index)))[hook_out]
-        delta = _acts(model, g.clean, hook_out) - _acts(model, g.corrupted, hook_out)
-        site[g.index] = (delta * grad).sum((1, 2))
+            base, source = (g.corrupted, g.clean) if direction == "denoise" else (g.clean, g.corrupted)
+            grad = gradients(model, base, [hook_out], metric, torch.arange(len(g.index)))[hook_out]
+        delta = _acts(model, source, hook_out) - _acts(model, base, hook_out)
+        site[g.index] = (delta * grad).flatten(1).sum(1)
         with torch.no_grad():
-            df = sae.encode(_acts(model, g.clean, hook_in)) - sae.encode(_acts(model, g.corrupted, hook_in))
-        latents[g.index] = (df * (grad @ sae.W_dec.T)).sum(1)
+            df = sae.encode(_acts(model, source, hook_in)) - sae.encode(_acts(model, base, hook_in))
+        latents[g.index] = (df * (grad.flatten(2) @ sae.W_dec.T)).sum(1)
     return site, latents
 
 
-@pytest.mark.parametrize("method", ["atp", "relp"])
-@pytest.mark.parametrize("kind", ["sae", "tc"])
-def test_latents_plus_error_equal_the_sites_own_attribution(kind, method, tiny_model, task, dictionaries):
+@pytest.mark.parametrize(
+    ("kind", "method", "direction"),
+    [
+        ("sae", "atp", "denoise"),
+        ("sae", "relp", "denoise"),
+        ("sae", "relp", "noise"),
+        ("tc", "atp", "denoise"),
+        ("tc", "relp", "denoise"),
+        ("z", "relp", "denoise"),
+    ],
+)
+def test_latents_plus_error_equal_the_sites_own_attribution(
+    kind, method, direction, tiny_model, task, dictionaries
+):
     sae = dictionaries[kind]
-    scores = feature_attribution(tiny_model, task, sae, "logit_diff", method)
-    site, latents = _by_hand(tiny_model, task, sae, scores.hook_in, scores.hook_out, method)
+    scores = feature_attribution(tiny_model, task, sae, "logit_diff", method, direction=direction)
+    site, latents = _by_hand(tiny_model, task, sae, scores.hook_in, scores.hook_out, method, direction)
     torch.testing.assert_close(scores.site, site, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores.latents.sum(-1) + scores.error, scores.site, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(scores.latents, latents, rtol=1e-4, atol=1e-7)

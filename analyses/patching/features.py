@@ -109,15 +109,14 @@ class _Splice:
         self.x_in = x
 
     def splice(self, site: torch.Tensor, hook) -> torch.Tensor:
-        x_in = site if self.hook_in == self.hook_out else self.x_in
-        x_in = _flat(x_in.detach()).to(self.sae.dtype)
-        if x_in.shape[-1] != self.sae.cfg.d_in:
+        x_in = (site if self.hook_in == self.hook_out else self.x_in).detach().to(self.sae.dtype)
+        if _flat(x_in).shape[-1] != self.sae.cfg.d_in:
             raise FeatureAttributionError(
                 f"the dictionary reads {self.sae.cfg.d_in}-wide activations but {self.hook_in} is "
-                f"{x_in.shape[-1]} wide on this model"
+                f"{_flat(x_in).shape[-1]} wide on this model"
             )
-        with torch.no_grad():
-            f = self.sae.encode(x_in)
+        with torch.no_grad():  # SAELens' hook_z dictionaries flatten [n_heads, d_head] themselves
+            f = self.sae.encode(x_in if getattr(self.sae, "hook_z_reshaping_mode", False) else _flat(x_in))
         flat = _flat(site.detach()).to(self.sae.dtype)
         d_out = getattr(self.sae.cfg, "d_out", None) or self.sae.cfg.d_in
         if flat.shape[-1] != d_out:
@@ -127,10 +126,10 @@ class _Splice:
             )
         if not self.grad:
             with torch.no_grad():
-                self.kept.update(f=f, e=flat - self.sae.decode(f), site=flat)
+                self.kept.update(f=f, e=flat - _flat(self.sae.decode(f)), site=flat)
             return None
         f = f.requires_grad_(True)
-        x_hat = self.sae.decode(f)
+        x_hat = _flat(self.sae.decode(f))
         e = (flat - x_hat).detach().requires_grad_(True)
         self.kept.update(f=f, e=e, site=flat)
         # value: the site bit for bit (x - x is exactly 0); graph: d site = d x_hat + d e
