@@ -78,6 +78,9 @@ def test_bad_rows_name_the_row_or_are_listed(tmp_path, tiny_model):
         3,
         "row 3: answer ' Mary Ann' is 2 tokens for this model's tokenizer; it must be one",
     )
+    reordered = tasks.Task("t", task.pairs[1:] + task.pairs[:1], "")
+    first = tasks.tokenize(reordered, tiny_model, skip_unusable=True, limit=1)
+    assert [p.row for p in first.pairs] == [1] and [r for r, _ in first.skipped] == [2, 3]
 
 
 def test_file_errors(tmp_path):

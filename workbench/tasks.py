@@ -122,7 +122,7 @@ def fingerprint(spec: str) -> str:
 
 
 def load_task(spec: str, n: int = 0, seed: int = 0) -> Task:
-    """The first `n` pairs of a task (all when n is 0); templates draw `n` pairs with `seed`."""
+    """Every pair of a task file (`tokenize` takes the first `n` usable ones); templates draw `n` with `seed`."""
     if not spec or not spec.strip():
         raise TaskError("task is empty: give ioi, ioi-shared, ioi-shared-hard or a .csv/.jsonl file")
     if n < 0:
@@ -135,7 +135,6 @@ def load_task(spec: str, n: int = 0, seed: int = 0) -> Task:
         pairs = _shared_ioi(path, hard=spec.endswith("hard"))
     else:
         pairs = _user_file(path)
-    pairs = pairs[:n] if n else pairs
     if not pairs:
         raise TaskError(f"task {spec} has no prompt pairs")
     return Task(spec, pairs, fp, str(path) if path else "templates")
@@ -217,11 +216,14 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def tokenize(task: Task, model, skip_unusable: bool = False) -> TokenizedTask:
-    """Token ids of every usable pair, grouped by length; unusable pairs raise or are listed with reasons."""
+def tokenize(task: Task, model, skip_unusable: bool = False, limit: int = 0) -> TokenizedTask:
+    """Token ids of the first `limit` usable pairs (0: all), grouped by length; unusable pairs
+    before them raise or are listed with reasons."""
     usable: list[tuple[PromptPair, list[int], list[int], int, int]] = []
     skipped: list[tuple[int, str]] = []
     for pair in task.pairs:
+        if limit and len(usable) == limit:
+            break
         try:
             usable.append((pair, *_pair_ids(pair, model)))
         except TaskError as err:

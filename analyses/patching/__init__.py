@@ -44,7 +44,7 @@ class PatchingConfig:
     processing: str = "raw"
     """Weight processing: raw (HF numerics) or compat (folded norms, as TransformerLens)."""
     n_prompts: int = 8
-    """Pairs used: the first n of a file (0 = all), or n drawn from the templates (0 = 8)."""
+    """Pairs used: the first n usable pairs of a file (0 = all), or n drawn from the templates (0 = 8)."""
     seed: int = 0
     """Seed of the template draw (names, places, objects)."""
     skip_unusable: bool = False
@@ -116,7 +116,7 @@ def run(cfg: PatchingConfig, ctx: Context) -> PatchingResult:
     model = ctx.model(cfg.model, cfg.processing)
     components = parse_components(cfg.components)
     heads = parse_heads(cfg.heads, model.cfg.n_layers, model.cfg.n_heads)
-    tt = tasks.tokenize(task, model, cfg.skip_unusable)
+    tt = tasks.tokenize(task, model, cfg.skip_unusable, limit=cfg.n_prompts)
     n_pos = max(g.clean.shape[1] for g in tt.groups)
     opt = Options(
         components=components,
