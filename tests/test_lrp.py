@@ -257,6 +257,12 @@ def test_bad_rule_names_and_epsilon_are_one_line_errors(tiny_model):
         rules(tiny_model, epsilon=0),
     ):
         pass
+    with pytest.raises(LRPRuleError) as err, rules(torch.nn.Sequential(torch.nn.Linear(2, 2)), ah=True):
+        pass
+    assert str(err.value) == (
+        "LRP rule(s) ['norm', 'identity', 'ah'] found nothing to act on in Sequential: no TransformerBridge "
+        "norm / MLP / attention module of the supported kinds"
+    )
     assert isinstance(LRPRuleError("x"), ValueError)  # the CLI prints ValueErrors as `error: ...`, exit 2
 
 

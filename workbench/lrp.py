@@ -156,22 +156,33 @@ def check_rules(names: Sequence[str], epsilon: float | None = None) -> tuple[str
 
 
 class _Plan:
-    """What each hook point does under the rules; `applied` counts rule applications per forward pass."""
+    """What each hook point does under the rules; `applied` counts rule applications inside the block."""
 
     def __init__(self, model, names: tuple[str, ...], ah: bool, epsilon: float | None):
         self.steps: dict[object, list[Callable]] = {}
         self.saved: dict[str, torch.Tensor] = {}
         self.applied: Counter[str] = Counter()
         self.owner = threading.get_ident()
+        self.planned: list[tuple[str, str]] = []  # (module path, rule) pairs, to catch idle rules
         for path, module in model.named_modules():
             if "norm" in names and isinstance(module, NormalizationBridge):
                 self._span("norm", path, module.hook_in, module.hook_out, [], _norm_rule(module))
             if {"identity", "half"} & set(names) and isinstance(module, MLPBridge):
                 self._mlp(path, module, "identity" in names, "half" in names)
             if ah and isinstance(module, AttentionBridge):
+                self.planned.append((path, "ah"))
                 self._add(module.hook_pattern, partial(self._bypass, "ah", [], _detached))
             if epsilon is not None and isinstance(module, LinearBridge | UnembeddingBridge):
                 self._add(module.hook_out, partial(self._bypass, "epsilon", ["@self"], _eps_rule(epsilon)))
+        # a rule with nothing to act on would silently be plain AtP (the fork's pitfall); "half" is
+        # legitimately idle on ungated MLPs (GPT-2), so it is not checked
+        found = {r for *_, r in self.planned}
+        idle = [r for r in (*[n for n in names if n != "half"], *(["ah"] if ah else [])) if r not in found]
+        if idle:
+            raise LRPRuleError(
+                f"LRP rule(s) {idle} found nothing to act on in {type(model).__name__}: no "
+                "TransformerBridge norm / MLP / attention module of the supported kinds"
+            )
 
     def _mlp(self, path: str, mlp: MLPBridge, identity: bool, half: bool) -> None:
         if type(mlp) is GatedMLPBridge:
@@ -195,6 +206,7 @@ class _Plan:
     def _span(self, rule: str, path: str, first, last, more: list, fn: Rule) -> None:
         """Record `first` (and `more` points) during the forward; bypass at `last` with `fn`."""
         keys = [path]
+        self.planned += [(path, r) for r in rule.split("+")]
         self._add(first, partial(self._record, path))
         for extra in more:
             if extra == "@self":
