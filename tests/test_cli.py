@@ -185,3 +185,18 @@ def test_analysis_capture_keeps_brace_site_lists():
         "activation-stats", sites="blocks.*.mlp.hook_post,blocks.*.hook_resid_{pre,post}"
     )
     assert cfg.capture_config().sites == ("blocks.*.mlp.hook_post", "blocks.*.hook_resid_{pre,post}")
+
+
+def test_context_checked_against_the_booted_model_when_no_config_is_on_disk(
+    tiny_model, tiny_model_dir, monkeypatch
+):
+    """A GGUF key has no config.json before its first load: the check runs after the load, before compute."""
+    POOL.put(tiny_model)
+    monkeypatch.setattr(models, "model_config", lambda key: None)
+    with pytest.raises(ValueError) as err:
+        wb.capture(model=str(tiny_model_dir), n_tokens=512, ctx_len=256, progress=False)
+    assert (
+        str(err.value)
+        == f"ctx_len 256 exceeds the 128 positions of model '{tiny_model_dir}'; use --ctx-len 128 or less"
+    )
+    assert wb.list_stores() == []

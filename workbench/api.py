@@ -81,7 +81,9 @@ def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any
         from workbench.store_state import check_out_folder
 
         check_out_folder(Path(out))
-    store = _capture(config, model=load_model(config.model, config.processing), out=out, progress=progress)
+    model = load_model(config.model, config.processing)
+    config.check_model(model)  # a GGUF key has no config.json before its first load
+    store = _capture(config, model=model, out=out, progress=progress)
     config.warn_if_short(store.n_rows)
     return store
 

@@ -25,7 +25,8 @@ class CaptureConfig:
     model: str = DEFAULT_MODEL
     """Model key (see `workbench models`), local HF folder or Hub id."""
     sites: tuple[str, ...] = DEFAULT_SITES
-    """TransformerLens hook names or globs, e.g. blocks.*.mlp.hook_post."""
+    """TransformerLens hook names or globs, comma-separated (commas inside {a,b} are the choice's), e.g.
+    blocks.*.mlp.hook_post,blocks.*.hook_resid_{pre,post}."""
     data: str = field(default_factory=data.default_source)
     """Text source: .txt/.jsonl/.json/.parquet path or hf:<dataset>."""
     n_tokens: int = 2048
@@ -60,6 +61,17 @@ class CaptureConfig:
     def shard_seqs(self) -> int:
         return max(self.batch_size, self.shard_tokens // self.ctx_len // self.batch_size * self.batch_size)
 
+    def check_model(self, model) -> None:
+        """After the load, before any compute: the context fits the booted model's positions."""
+        self._check_positions(getattr(model.cfg, "n_ctx", None))
+
+    def _check_positions(self, limit: int | None) -> None:
+        if limit is not None and self.ctx_len > limit:
+            raise ValueError(
+                f"ctx_len {self.ctx_len} exceeds the {limit} positions of model '{self.model}'; "
+                f"use --ctx-len {limit} or less"
+            )
+
     def warn_if_short(self, n_rows: int) -> None:
         """One warning line when the text ran out before the token budget."""
         asked = self.n_tokens // self.ctx_len * self.ctx_len
@@ -80,12 +92,7 @@ class CaptureConfig:
         config = models.model_config(self.model)
         if config is None:
             return  # known only once loaded (a GGUF key converted on first use)
-        limit = models.max_positions(config)
-        if limit is not None and self.ctx_len > limit:
-            raise ValueError(
-                f"ctx_len {self.ctx_len} exceeds the {limit} positions of model '{self.model}'; "
-                f"use --ctx-len {limit} or less"
-            )
+        self._check_positions(models.max_positions(config))
         n_layers = models.n_layers(config)
         if n_layers is not None:
             sites.check_layers(self.sites, n_layers)

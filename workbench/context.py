@@ -77,6 +77,7 @@ class Context:
     def capture(self, cfg: CaptureConfig) -> ActivationStore:
         cfg.preflight()  # text and context length checked before the model loads
         model = self.model(cfg.model, cfg.processing)
+        cfg.check_model(model)
         store = capture(cfg, model=model, progress=self.on_progress or self.show_bars)
         cfg.warn_if_short(store.n_rows)
         return store
