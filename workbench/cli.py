@@ -228,10 +228,7 @@ def export_cmd(key: str, path: str) -> None:
 
 
 def _unique_key(prefix: str) -> str:
-    matches = [r["key"] for r in api.cached() if r["key"].startswith(prefix)]
-    if len(matches) != 1:
-        raise KeyError(f"{len(matches)} cached results match '{prefix}'")
-    return matches[0]
+    return api.cache().resolve(prefix)
 
 
 def _capture_command() -> click.Command:

@@ -99,11 +99,10 @@ def _read_json(path: Path) -> dict:
 
 # --- deleting ---------------------------------------------------------------------------------
 def find_result(prefix: str, results) -> dict[str, Any]:
-    """The one index row whose key starts with `prefix`."""
-    rows = [r for r in results.list(limit=1_000_000) if r["key"].startswith(prefix)] if prefix else []
-    if len(rows) != 1:
-        raise KeyError(f"{len(rows)} cached results match '{prefix}'")
-    return rows[0]
+    """Key and analysis of the one cached result whose key starts with `prefix` (the cache's
+    `resolve`: works whatever state the index is in)."""
+    key = results.resolve(prefix)
+    return {"key": key, "analysis": _read_json(results.entry_dir(key) / "meta.json").get("analysis", "?")}
 
 
 def delete_result(prefix: str, results) -> dict[str, Any]:
