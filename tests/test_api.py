@@ -133,3 +133,22 @@ def test_every_preset_is_a_valid_config():
         preset = json.loads(path.read_text())
         cfg = api.make_config(preset["analysis"], **preset["config"])
         assert all(getattr(cfg, k) == v for k, v in preset["config"].items()), path.name
+
+
+def test_analysis_registered_at_run_time_is_listed(monkeypatch):
+    """A notebook's own @register shows in list_analyses, not just the on-disk listing."""
+
+    @dataclasses.dataclass(frozen=True)
+    class NoteConfig:
+        n: int = 1
+
+    monkeypatch.setattr(analysis, "_REGISTRY", dict(analysis._REGISTRY))
+    wb.list_analyses()  # writes $WORKBENCH_HOME/analyses.json, the import-free listing
+
+    @analysis.register("notebook-analysis")
+    def run(cfg: NoteConfig, ctx) -> analysis.Result:
+        """Planted by a notebook."""
+        return analysis.Result()
+
+    names = [row["name"] for row in wb.list_analyses()]
+    assert "notebook-analysis" in names and "activation-stats" in names

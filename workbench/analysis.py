@@ -168,6 +168,8 @@ def listing() -> list[dict[str, Any]]:
     else by importing them (and then refreshing that file, when every module imported)."""
     from workbench import paths
 
+    if _discovered or _REGISTRY:  # already imported here (a notebook may have registered its own)
+        return _rows(all_specs())
     index = paths.home() / "analyses.json"
     stamp = _stamp()
     try:
@@ -176,16 +178,17 @@ def listing() -> list[dict[str, Any]]:
             return [{k: r[k] for k in ("name", "version", "doc")} for r in saved["rows"]]
     except (OSError, ValueError, KeyError):
         pass
-    rows = [
-        {"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""}
-        for s in all_specs()
-    ]
+    rows = _rows(all_specs())
     if not FAILED:
         try:
             paths.atomic_write_json(index, {"stamp": stamp, "rows": rows})
         except OSError:
             pass  # read-only home: import next time
     return rows
+
+
+def _rows(specs: list[AnalysisSpec]) -> list[dict[str, Any]]:
+    return [{"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""} for s in specs]
 
 
 def _stamp() -> list:
