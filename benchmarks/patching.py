@@ -41,20 +41,70 @@ def options(model, methods, **kw):
 
 
 def timed(fn, repeats: int = 1):
-    times, out = [], None
+    """(median wall s, median process CPU s, last output): CPU time is the steadier figure on a
+    shared machine, where wall time depends on what else runs."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus), out
 
 
-def tl_sweep(model, tt, base: dict):
-    """TransformerLens' own block sweep on the Bridge: [3, layer, pos] of M(patched) - M(corrupted)."""
+def sample_cells(n_layers: int, n_pos: int, k: int) -> list[tuple[int, int, int]]:
+    """k (block type, layer, pos) cells per block type, spread over layers, positions from the end."""
+    return [(b, (i * 7) % n_layers, n_pos - 1 - (i % 6)) for b in range(len(BLOCK)) for i in range(k)]
+
+
+def tl_module(model, tt, base: dict, cells) -> tuple[list[float], float, float]:
+    """TransformerLens' `patching.generic_activation_patch` (what get_act_patch_block_every runs per
+    block type) on the sampled cells: effects M(patched) - M(corrupted), wall s, CPU s."""
+    import pandas as pd
     import torch
     from transformer_lens import patching
 
     g = tt.groups[0]
+    metric = _tl_metric(g, base)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(g.clean)
+        m_corr = metric(model(g.corrupted))
+    setter = patching.layer_pos_patch_setter
+    out, t, c = [], time.perf_counter(), time.process_time()
+    for b, name in enumerate(BLOCK):
+        rows = [(layer, pos) for bb, layer, pos in cells if bb == b]
+        df = pd.DataFrame(rows, columns=["layer", "pos"])
+        with torch.no_grad():
+            vals = patching.generic_activation_patch(
+                model, g.corrupted, clean_cache, metric, setter, name, index_df=df
+            )
+        out += [float(v - m_corr) for v in vals]
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def tl_algorithm(model, tt, base: dict, cells) -> tuple[list[float], float, float]:
+    """The same algorithm without the module: one plain `run_with_hooks` forward per component."""
+    import torch
+
+    g = tt.groups[0]
+    metric = _tl_metric(g, base)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(g.clean)
+        m_corr = metric(model(g.corrupted))
+    out, t, c = [], time.perf_counter(), time.process_time()
+    for b, layer, pos in cells:
+        name = f"blocks.{layer}.hook_{BLOCK[b]}"
+
+        def hook(x, hook, name=name, pos=pos):
+            x[:, pos] = cache[name][:, pos]
+            return x
+
+        with torch.no_grad():
+            out.append(float(metric(model.run_with_hooks(g.corrupted, fwd_hooks=[(name, hook)])) - m_corr))
+    return out, time.perf_counter() - t, time.process_time() - c
+
+
+def _tl_metric(g, base: dict):
     ld_clean, ld_corr = base["ld_clean"], base["ld_corrupted"]
 
     def metric(logits):
@@ -62,18 +112,16 @@ def tl_sweep(model, tt, base: dict):
         ld = last.gather(-1, g.answer[:, None]) - last.gather(-1, g.wrong[:, None])
         return ((ld[:, 0] - ld_corr) / (ld_clean - ld_corr)).mean()
 
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(g.clean)
-        m_corr = metric(model(g.corrupted))
-        out = patching.get_act_patch_block_every(model, g.corrupted, clean_cache, metric)
-    return out - m_corr
+    return metric
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--repeats", type=int, default=3, help="AtP/RelP timing repeats (median)")
     ap.add_argument("--max-batch-tokens", type=int, default=4096)
+    ap.add_argument("--sample", type=int, default=6, help="TL side: components timed per block type")
     args = ap.parse_args()
     import torch
 
@@ -81,38 +129,54 @@ def main() -> None:
     from workbench.models import load_model
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    model = load_model("smollm2-135m")
+    model = load_model(args.model)
     tt = one_template_task(model, args.prompts)
     T = tt.groups[0].clean.shape[1]
     rows = max(1, args.max_batch_tokens // T)
-    t_atp, atp = timed(lambda: run_task(model, tt, options(model, ("atp",))), args.repeats)
-    t_relp, _ = timed(lambda: run_task(model, tt, options(model, ("relp",))), args.repeats)
-    t_ap, ours = timed(lambda: run_task(model, tt, options(model, ("ap",), max_rows=rows)))
-    t_batch, plain = timed(
-        lambda: run_task(model, tt, options(model, ("ap",), max_rows=rows, skip_identical=False))
-    )
-    t_tl, theirs = timed(lambda: tl_sweep(model, tt, atp.baselines))
+    t_atp, c_atp, atp = timed(lambda: run_task(model, tt, options(model, ("atp",))), args.repeats)
+    t_relp, c_relp, _ = timed(lambda: run_task(model, tt, options(model, ("relp",))), args.repeats)
+    t_ap, c_ap, ours = timed(lambda: run_task(model, tt, options(model, ("ap",), max_rows=rows)))
     mine = torch.stack([ours.scores[f"ap/{c}"].mean(0) for c in BLOCK])  # [3, layer, pos]
-    batched = torch.stack([plain.scores[f"ap/{c}"].mean(0) for c in BLOCK])
+    cells = sample_cells(model.cfg.n_layers, T, args.sample)
+    theirs, t_tl, c_tl = tl_module(model, tt, atp.baselines, cells)
+    plain, t_alg, c_alg = tl_algorithm(model, tt, atp.baselines, cells)
+    at_cells = torch.tensor([float(mine[b, layer, pos]) for b, layer, pos in cells])
+    n_all, n_cells = mine.numel(), len(cells)
     report = {
-        "model": "smollm2-135m",
+        "model": args.model,
         "prompts": args.prompts,
         "tokens_per_prompt": T,
-        "components": int(mine.numel()),
-        "ap_ours_s": round(t_ap, 2),
-        "ap_ours_batching_only_s": round(t_batch, 2),
-        "ap_transformer_lens_s": round(t_tl, 2),
-        "speedup_vs_tl": round(t_tl / t_ap, 2),
-        "speedup_batching_only": round(t_tl / t_batch, 2),
-        "max_abs_diff_vs_tl": float((mine - theirs.cpu()).abs().max()),
-        "max_abs_diff_batching_only_vs_tl": float((batched - theirs.cpu()).abs().max()),
-        "atp_s": round(t_atp, 3),
-        "relp_s": round(t_relp, 3),
-        "relp_over_atp": round(t_relp / t_atp, 3),
-        "ap_over_relp": round(t_ap / t_relp, 1),
-        "ld_clean": round(atp.baselines["ld_clean"], 4),
-        "ld_corrupted": round(atp.baselines["ld_corrupted"], 4),
+        "components": n_all,
+        "sampled_components": n_cells,
+        "load_average": os.getloadavg()[0],
+        "wall_s": {
+            "ap_ours_full_sweep": t_ap,
+            "ap_tl_module_full_sweep_extrapolated": t_tl / n_cells * n_all,
+            "ap_tl_algorithm_full_sweep_extrapolated": t_alg / n_cells * n_all,
+            "atp": t_atp,
+            "relp": t_relp,
+        },
+        "cpu_s": {
+            "ap_ours_full_sweep": c_ap,
+            "ap_tl_module_full_sweep_extrapolated": c_tl / n_cells * n_all,
+            "ap_tl_algorithm_full_sweep_extrapolated": c_alg / n_cells * n_all,
+            "atp": c_atp,
+            "relp": c_relp,
+        },
+        "max_abs_diff_vs_tl_module": float((at_cells - torch.tensor(theirs)).abs().max()),
+        "max_abs_diff_vs_tl_algorithm": float((at_cells - torch.tensor(plain)).abs().max()),
+        "max_abs_effect_on_sampled_cells": float(at_cells.abs().max()),
+        "ld_clean": atp.baselines["ld_clean"],
+        "ld_corrupted": atp.baselines["ld_corrupted"],
     }
+    for kind in ("wall_s", "cpu_s"):
+        x = report[kind]
+        report[kind.replace("_s", "_ratios")] = {
+            "tl_module_over_ours": x["ap_tl_module_full_sweep_extrapolated"] / x["ap_ours_full_sweep"],
+            "tl_algorithm_over_ours": x["ap_tl_algorithm_full_sweep_extrapolated"] / x["ap_ours_full_sweep"],
+            "relp_over_atp": x["relp"] / x["atp"],
+            "ap_over_relp": x["ap_ours_full_sweep"] / x["relp"],
+        }
     print(json.dumps(report, indent=1))
 
 
