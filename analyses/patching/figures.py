@@ -7,8 +7,6 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from workbench.analyses.patching.components import PER_HEAD
-
 NAMES = {"ap": "AP", "atp": "AtP", "relp": "RelP", "ig": "IG"}
 
 
@@ -79,7 +77,3 @@ def scatter(result, method: str) -> go.Figure:
         title=f"{NAMES[method]} vs activation patching", xaxis_title="AP", yaxis_title=NAMES[method]
     )
     return fig
-
-
-def per_head_labels(component: str) -> str:
-    return "head" if component in PER_HEAD else "position"
