@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from workbench.sae import metrics as M
 from workbench.analysis import Result, register
 from workbench.context import Context
 from workbench.inputs import input_field
+from workbench.sae import metrics as M
 from workbench.sites import layer_of
 
 

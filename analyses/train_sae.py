@@ -21,16 +21,16 @@ from typing import Literal
 
 import torch
 
-from workbench.sae.archs import ARCHS, ArchSpec, build
-from workbench.sae.data import StoreStream, mean_norm, sample_rows
-from workbench.sae.io import dictionaries_dir, load_dictionary, save_dictionary
-from workbench.sae.train import LoopConfig, train
 from workbench.analysis import Result, register
 from workbench.capture import CaptureConfig
 from workbench.context import Context
 from workbench.data import default_source
 from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
+from workbench.sae.archs import ARCHS, ArchSpec, build
+from workbench.sae.data import StoreStream, mean_norm, sample_rows
+from workbench.sae.io import dictionaries_dir, load_dictionary, save_dictionary
+from workbench.sae.train import LoopConfig, train
 from workbench.store import ActivationStore
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from sae_lens import SAE, TrainingSAE
 
-from workbench import sae as _registers  # noqa: F401  (registers top_afa and the transcoder training class)
 from workbench import paths
+from workbench import sae as _registers  # noqa: F401  (registers top_afa and the transcoder training class)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench import api
 from workbench.sae.archs import ArchSpec, build
 from workbench.sae.data import StoreStream
 from workbench.sae.io import load_dictionary
 from workbench.sae.train import LoopConfig, train
-from workbench import api
 
 LAYER = 1
 SITES = [

@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 from conftest import GPT2_TOKENIZER, make_tiny_model_dir
 
+from workbench import analysis, api
 from workbench.analyses.sparsity.cett import TailCurves, pplp_search
 from workbench.analyses.sparsity.held import HeldEval
 from workbench.analyses.sparsity.topk import topk_mask, topk_sweep
-from workbench import analysis, api
 from workbench.cli import cli
 from workbench.models import load_model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from workbench.analyses.sae_eval import dictionary_sites
-from workbench.sae.metrics import nearest_by_cosine
 from workbench.context import Context
+from workbench.sae.metrics import nearest_by_cosine
 from workbench.sites import layer_of
 
 N_BINS, N_LOGITS, N_NEIGHBORS = 32, 10, 8

@@ -20,7 +20,14 @@ from typing import Literal
 
 from workbench.analyses.sparsity.cett import TailCurves, pplp_search
 from workbench.analyses.sparsity.held import HeldEval, held_tokens
-from workbench.analyses.sparsity.measure import DEFINITIONS, POST, calibration_rows, firing_rates, mlp_layers, read_rows
+from workbench.analyses.sparsity.measure import (
+    DEFINITIONS,
+    POST,
+    calibration_rows,
+    firing_rates,
+    mlp_layers,
+    read_rows,
+)
 from workbench.analyses.sparsity.result import SparsityResult
 from workbench.analyses.sparsity.topk import SCORES, topk_sweep
 from workbench.analysis import register
