@@ -201,7 +201,9 @@ def test_cli_help_and_bad_option():
         assert option in out.output
     bad = runner.invoke(cli, ["run", "sparsity", "--fire-def", "sometimes"])
     assert bad.exit_code == 2
-    assert "Invalid value for '--fire-def': 'sometimes' is not one of 'nonzero', 'eps', 'pre_pos'" in bad.output
+    assert (
+        "Invalid value for '--fire-def': 'sometimes' is not one of 'nonzero', 'eps', 'pre_pos'" in bad.output
+    )
     bad = runner.invoke(cli, ["sparsity", "--topk-ks", "a,b"])
     assert bad.exit_code == 2 and "topk_ks" in bad.output
 

@@ -188,7 +188,9 @@ def listing() -> list[dict[str, Any]]:
 
 
 def _rows(specs: list[AnalysisSpec]) -> list[dict[str, Any]]:
-    return [{"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""} for s in specs]
+    return [
+        {"name": s.name, "version": s.version, "doc": s.doc.splitlines()[0] if s.doc else ""} for s in specs
+    ]
 
 
 def _stamp() -> list:
