@@ -13,10 +13,12 @@ cost (wall time, forward and backward passes) of each method.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from workbench import tasks
 from workbench.analyses.patching.components import COMPONENTS, ComponentError, parse_components, parse_heads
 from workbench.analyses.patching.compute import DIRECTIONS, METHODS, Options, run_task
+from workbench.analyses.patching.features import FEATURE_METHODS, FeatureAttributionError
 from workbench.analyses.patching.metrics import METRICS
 from workbench.analyses.patching.result import PatchingResult
 from workbench.analysis import register
@@ -67,6 +69,10 @@ class PatchingConfig:
     """Also the AH rule in RelP (attention pattern constant in the backward)."""
     max_batch_tokens: int = 4096
     """Most tokens per forward pass of the AP sweep and of IG (patches x prompts x positions)."""
+    dictionary: str = input_field("dictionary", "")
+    """SAE/transcoder folder (ours or SAELens') or release/id: also attribute the metric to its latents (AtP/RelP)."""
+    feature_top_k: int = 20
+    """Top latents (by |task-mean score|) listed per feature-attribution method."""
 
     def __post_init__(self):
         checks = [
@@ -82,6 +88,7 @@ class PatchingConfig:
             (self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}"),
             (self.max_batch_tokens >= 1, f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}"),
             (self.n_prompts >= 0, f"n_prompts must be >= 0, got {self.n_prompts}"),
+            (self.feature_top_k >= 1, f"feature_top_k must be >= 1, got {self.feature_top_k}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -96,6 +103,9 @@ class PatchingConfig:
                 "task is empty: give ioi, ioi-shared, ioi-shared-hard or a .csv/.jsonl file"
             )
         tasks.fingerprint(self.task)  # a missing task file fails here, before any model loads
+        if self.dictionary:
+            self.feature_methods()
+            _check_folder(self.dictionary)
 
     def method_list(self) -> tuple[str, ...]:
         methods = tuple(dict.fromkeys(_split(self.methods)))
@@ -104,15 +114,43 @@ class PatchingConfig:
             raise ValueError(f"unknown method(s) {bad or [self.methods]}; choose from {', '.join(METHODS)}")
         return methods
 
+    def feature_methods(self) -> tuple[str, ...]:
+        """The selected methods that also score the dictionary's latents (AtP, RelP)."""
+        picked = tuple(m for m in self.method_list() if m in FEATURE_METHODS)
+        if not picked:
+            raise FeatureAttributionError(
+                f"dictionary feature attribution needs method atp or relp; methods are {self.methods}"
+            )
+        return picked
+
+
+def _check_folder(spec: str) -> None:
+    """A local path that exists but is not a dictionary folder fails here (missing ones at load)."""
+    path = Path(spec).expanduser()
+    if path.exists() and not (path / "cfg.json").exists():
+        raise FeatureAttributionError(
+            f"dictionary {spec} holds no cfg.json; it is not a SAELens dictionary folder"
+        )
+
+
+def _load_dictionary(spec: str):
+    from workbench.sae.io import DictionaryError, load_dictionary
+
+    try:
+        return load_dictionary(spec)
+    except DictionaryError as err:  # a user error (one line, exit 2), before the model loads
+        raise FeatureAttributionError(f"cannot load dictionary: {err}") from err
+
 
 def _split(spec: str) -> list[str]:
     return [s.strip() for s in spec.split(",") if s.strip()]
 
 
-@register("patching", version=1)
+@register("patching", version=2)
 def run(cfg: PatchingConfig, ctx: Context) -> PatchingResult:
     """Activation patching vs AtP vs RelP vs integrated gradients on a prompt-pair task (IOI by default)."""
     task = tasks.load_task(cfg.task, cfg.n_prompts, cfg.seed)  # file errors before the model loads
+    sae = _load_dictionary(cfg.dictionary) if cfg.dictionary else None
     model = ctx.model(cfg.model, cfg.processing)
     components = parse_components(cfg.components)
     heads = parse_heads(cfg.heads, model.cfg.n_layers, model.cfg.n_heads)
@@ -133,6 +171,7 @@ def run(cfg: PatchingConfig, ctx: Context) -> PatchingResult:
     out = run_task(model, tt, opt, step=lambda _m: next(units, None))
     for _ in units:  # close the bar
         pass
+    extra = _features(model, tt, sae, cfg) if sae is not None else {}
     return PatchingResult(
         model=cfg.model,
         task=cfg.task,
@@ -149,7 +188,32 @@ def run(cfg: PatchingConfig, ctx: Context) -> PatchingResult:
         baselines=out.baselines,
         cost=out.cost,
         scores=out.scores,
+        dictionary=canonical_path(cfg.dictionary) if cfg.dictionary else "",
+        **extra,
     )
+
+
+def _features(model, tt, sae, cfg: PatchingConfig) -> dict:
+    """Feature attribution by each selected AtP/RelP method, with the run's metric, direction and rules."""
+    from workbench.analyses.patching.features import feature_attribution, pack
+
+    sae = sae.to(next(model.parameters()).device)
+    name = canonical_path(cfg.dictionary)
+    scores = {
+        m: feature_attribution(
+            model,
+            tt,
+            sae,
+            cfg.metric,
+            m,
+            direction=cfg.direction,
+            rules=tuple(_split(cfg.relp_rules)),
+            ah=cfg.relp_ah,
+            dictionary=name,
+        )
+        for m in cfg.feature_methods()
+    }
+    return pack(scores, cfg.feature_top_k)
 
 
 __all__ += ["COMPONENTS", "ComponentError"]

@@ -208,3 +208,34 @@ def _group_scores(model, sae, g, cache, base, metric, method, direction, rules, 
     error = ((cache[f"{src}_e"] - cache[f"{dst}_e"]) * grad_e).sum((1, 2))
     site = ((cache[f"{src}_site"] - cache[f"{dst}_site"]) * grad_e).sum((1, 2))  # d site = d e
     return latents.detach().float(), error.detach().float(), site.detach().float()
+
+
+MAX_STORED = 1_000_000  # prompt x latent cells kept per method before only the top latents are stored
+
+
+def pack(scores: dict[str, FeatureScores], top_k: int, max_cells: int = MAX_STORED) -> dict:
+    """Result fields of several methods' FeatureScores: small arrays, the top latents and their links.
+
+    `feature_ids` are the latents whose per-prompt scores are kept: all of them when [prompt, d_sae]
+    is small, else the union of every method's top_k; '<m>/rest' holds the sum of the others, so
+    latents.sum(-1) + rest + error == site per prompt either way."""
+    first = next(iter(scores.values()))
+    n, d_sae = first.latents.shape
+    top = {m: s.top(top_k) for m, s in scores.items()}
+    if n * d_sae <= max_cells:
+        ids = torch.arange(d_sae)
+    else:
+        ids = torch.tensor(sorted({i for rows in top.values() for i, _ in rows}), dtype=torch.long)
+    arrays: dict[str, torch.Tensor] = {"feature_ids": ids}
+    for m, s in scores.items():
+        kept = s.latents[:, ids]
+        arrays |= {f"{m}/latents": kept, f"{m}/rest": s.latents.sum(-1) - kept.sum(-1)}
+        arrays |= {f"{m}/error": s.error, f"{m}/site": s.site}
+    return {
+        "features": arrays,
+        "feature_top": {
+            m: [{"latent": i, "score": v, "url": scores[m].dashboard_url(i)} for i, v in rows]
+            for m, rows in top.items()
+        },
+        "feature_hooks": [first.hook_in, first.hook_out],
+    }

@@ -16,7 +16,27 @@ def all_figures(result) -> dict[str, Any]:
         for m in result.methods:
             if m != "ap":
                 figs[f"{NAMES[m]} vs AP"] = scatter(result, m)
+    if result.feature_top:
+        figs["Feature attribution: top latents"] = top_latents(result)
     return figs
+
+
+def top_latents(result) -> go.Figure:
+    """Per feature-attribution method: task-mean score of its top latents and of the error node."""
+    methods = list(result.feature_top)
+    fig = make_subplots(rows=1, cols=len(methods), subplot_titles=[NAMES[m] for m in methods])
+    for i, m in enumerate(methods, 1):
+        top = result.feature_top[m]
+        x = [f"L{t['latent']}" for t in top] + ["error"]
+        y = [t["score"] for t in top] + [float(result.features[f"{m}/error"].mean())]
+        colors = ["steelblue"] * len(top) + ["grey"]
+        fig.add_trace(go.Bar(x=x, y=y, marker_color=colors, name=NAMES[m], showlegend=False), row=1, col=i)
+    site = ", ".join(f"{NAMES[m]} {float(result.features[f'{m}/site'].mean()):.4f}" for m in methods)
+    fig.update_layout(
+        title=f"Dictionary latents at {result.feature_hooks[-1]}: effect on {result.metric} (site total: {site})",
+        height=420,
+    )
+    return fig
 
 
 def side_by_side(result, component: str) -> go.Figure:

@@ -32,6 +32,15 @@ class PatchingResult(Result):
     cost: dict[str, dict[str, float]]
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     """'method/component' -> per-prompt scores [n_prompts, layer, pos] / [n_prompts, layer, head] / [.., head, pos]."""
+    dictionary: str = ""
+    """The dictionary whose latents were scored ('' = no feature attribution)."""
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    """feature_ids [kept] and per method m: 'm/latents' [prompt, kept], 'm/rest' (the other latents' sum),
+    'm/error' (error node) and 'm/site' (the whole site's score), all per prompt: latents + rest + error = site."""
+    feature_top: dict[str, list[dict]] = field(default_factory=dict)
+    """method -> top latents by |task-mean score|: {latent, score, url} (url: the Feature explorer page)."""
+    feature_hooks: list[str] = field(default_factory=list)
+    """[input hook, splice hook] of the dictionary."""
 
     def map(self, method: str, component: str) -> torch.Tensor:
         """Mean over prompts: the task-level score map of one method and component."""
@@ -91,7 +100,34 @@ class PatchingResult(Result):
             row = {"method": NAMES[m], "wall_s": round(self.cost[m]["wall_s"], 3)}
             row |= {k: self.cost[m][k] for k in ("forward", "backward")}
             row |= {f"r_{c}": round(r[m][c], 3) for c in self.components} if m in r else {}
+            row |= self.feature_summary(m)
             rows.append(row)
+        return rows
+
+    def feature_summary(self, method: str) -> dict[str, Any]:
+        """Task-mean site score, error-node score and top latent of one method's feature attribution."""
+        if f"{method}/site" not in self.features:
+            return {}
+        top = self.feature_top[method][0] if self.feature_top.get(method) else None
+        return {
+            "feature_site": round(float(self.features[f"{method}/site"].mean()), 4),
+            "feature_error": round(float(self.features[f"{method}/error"].mean()), 4),
+            "top_latent": top["latent"] if top else None,
+        }
+
+    def feature_table(self) -> list[dict[str, Any]]:
+        """One row per (method, top latent) and each method's error node, with the dashboard link."""
+        rows = []
+        for m, top in self.feature_top.items():
+            rows += [{"method": NAMES[m], **t, "latent": str(t["latent"])} for t in top]
+            rows.append(
+                {
+                    "method": NAMES[m],
+                    "latent": "error",
+                    "score": float(self.features[f"{m}/error"].mean()),
+                    "url": "",
+                }
+            )
         return rows
 
     def figures(self) -> dict[str, Any]:
