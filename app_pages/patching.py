@@ -29,6 +29,11 @@ with (
         model = st.text_input("Model", value=defaults["model"])
         n_prompts = int(st.number_input("Prompts", value=int(defaults["n_prompts"]), min_value=0, step=1))
         skip = st.checkbox("Skip unusable pairs (and list them)", value=False)
+        dictionary = st.text_input(
+            "Dictionary (optional)",
+            value="",
+            help="SAE/transcoder folder: also score its latents by AtP/RelP",
+        )
     with right:
         methods = st.multiselect("Methods", METHODS, default=METHODS)
         components = st.multiselect("Components", COMPONENTS, default=defaults["components"].split(","))
@@ -46,6 +51,7 @@ if submitted:
         "components": ",".join(components),
         "metric": metric,
         "direction": direction,
+        "dictionary": dictionary.strip(),
     }
     with ui.guard("cannot run patching"):
         api.make_config(NAME, **overrides)  # bad options fail here, before a thread starts
@@ -119,3 +125,15 @@ with ui.guard("cannot show this result"):
     st.caption(
         "Top heads by AP: " + ", ".join(f"{h['head']} ({h['score']:+.3f})" for h in result.top_heads())
     )
+    if result.feature_top:
+        st.subheader("Dictionary features")
+        st.caption(
+            f"`{result.dictionary}` spliced at {result.feature_hooks[-1]}: task-mean score of each latent "
+            "and of the error node; latents + error = the site's own score. Links open the Feature explorer."
+        )
+        st.dataframe(
+            result.feature_table(),
+            hide_index=True,
+            column_config={"url": st.column_config.LinkColumn("dashboard", display_text="open")},
+        )
+        st.plotly_chart(ui.figures(key)["Feature attribution: top latents"], key=f"features-{key}")

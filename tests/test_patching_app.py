@@ -1,6 +1,7 @@
 """The patching page (Streamlit AppTest): maps of every method, and a cell's per-prompt scores."""
 
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import pytest
 
@@ -48,3 +49,32 @@ def test_bad_options_show_one_error(result):
     next(b for b in at.button if b.label == "Run").click().run()
     assert not at.exception
     assert any("task file missing.csv does not exist" in e.value for e in at.error)
+
+
+def test_page_shows_the_top_latents_with_explorer_links(tiny_model, tiny_model_dir, tmp_path):
+    from workbench.sae.archs import ArchSpec, build
+    from workbench.sae.io import save_dictionary
+
+    site = "blocks.0.hook_resid_post"
+    folder = save_dictionary(
+        build(ArchSpec("topk", 64, 32, k=8), {"hook_name": site}, seed=1), tmp_path / "d"
+    )
+    POOL.put(tiny_model)
+    res = api.run(
+        "patching",
+        model=str(tiny_model_dir),
+        n_prompts=2,
+        methods="atp,relp",
+        dictionary=str(folder),
+        feature_top_k=4,
+    )
+    at = _page()
+    assert any(s.value == "Dictionary features" for s in at.subheader)
+    table = at.dataframe[-1].value.to_dict("records")
+    assert table == res.feature_table()
+    assert [r["latent"] for r in table[:5]] == [str(t["latent"]) for t in res.feature_top["atp"]] + ["error"]
+    assert (
+        table[0]["url"]
+        == f"feature_explorer?dictionary={quote_plus(str(folder))}&latent={table[0]['latent']}"
+    )
+    assert len(at.get("plotly_chart")) == 2  # the maps and the top-latents bars
