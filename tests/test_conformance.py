@@ -53,7 +53,13 @@ EXAMPLES = {
         "n_seqs": 2,
         "batch_size": 2,
     },
-    "patching": lambda env: {"model": env.model, "n_prompts": 2, "ig_steps": 2},
+    "patching": lambda env: {
+        "model": env.model,
+        "n_prompts": 2,
+        "ig_steps": 2,
+        "dictionary": env.dictionary(),  # a trained SAE: feature attribution rides along
+        "feature_top_k": 5,
+    },
 }
 
 
