@@ -48,10 +48,8 @@ def test_dictionary_run_is_linear_cached_and_renders(run, dictionary):
         top = result.feature_top[m]
         assert [t["latent"] for t in top] == mean.abs().argsort(descending=True)[:5].tolist()
         assert top[0]["url"] == f"feature_explorer?dictionary={_quoted(dictionary)}&latent={top[0]['latent']}"
-    # the site's score is the same AtP number the patching maps would give: resid_post 0 = resid_pre 1
-    both = run(dictionary=dictionary, feature_top_k=5, components="resid_pre", methods="atp")
-    pre1 = both.scores["atp/resid_pre"][:, 1].sum(-1)
-    torch.testing.assert_close(both.features["atp/site"], pre1, atol=1e-5, rtol=1e-4)
+    pre1 = result.scores["atp/resid_pre"][:, 1].sum(-1)  # resid_post 0 is resid_pre 1: the same AtP number
+    torch.testing.assert_close(result.features["atp/site"], pre1, atol=1e-5, rtol=1e-4)
     loaded = api.load(result.cache_key)
     for k, v in result.features.items():
         assert torch.equal(loaded.features[k], v), k
@@ -69,6 +67,25 @@ def _quoted(path):
     from urllib.parse import quote_plus
 
     return quote_plus(path)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"direction": "noise", "metric": "logit_diff"},
+        {"metric": "prob", "relp_rules": "norm", "relp_ah": True},
+    ],
+    ids=["noise-logit_diff", "prob-relp_norm_ah"],
+)
+def test_feature_site_follows_the_runs_direction_metric_and_rules(run, dictionary, opts):
+    """The site total equals the run's own AtP/RelP map at the same site (resid_pre of layer 1), so the
+    run's direction, metric and RelP rules reach the feature attribution."""
+    result = run(dictionary=dictionary, **opts)
+    _check_linear(result, ["atp", "relp"])
+    for m in ("atp", "relp"):
+        pre1 = result.scores[f"{m}/resid_pre"][:, 1].sum(-1)
+        torch.testing.assert_close(result.features[f"{m}/site"], pre1, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(result.features["atp/site"], result.features["relp/site"])  # rules did act
 
 
 def test_cache_key_follows_the_dictionary_contents(run, dictionary, tmp_path):

@@ -168,7 +168,11 @@ def feature_attribution(
     n = len(tt.pairs)
     latents, error, site = torch.zeros(n, sae.cfg.d_sae), torch.zeros(n), torch.zeros(n)
     for g, (lat, err, tot) in zip(tt.groups, parts):
-        latents[g.index], error[g.index], site[g.index] = lat, err, tot
+        latents[g.index], error[g.index], site[g.index] = (
+            lat.cpu(),
+            err.cpu(),
+            tot.cpu(),
+        )  # model may be on GPU
     return FeatureScores(latents, error, site, hook_in, hook_out, method, dictionary, base)
 
 
