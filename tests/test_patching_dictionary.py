@@ -58,6 +58,10 @@ def test_dictionary_run_is_linear_cached_and_renders(run, dictionary):
     bars = figs["Feature attribution: top latents"]
     assert [t.x[-1] for t in bars.data] == ["error", "error"] and len(bars.data[0].x) == 6
     bars.to_json()
+    assert {r["method"]: r["top_latent"] for r in run(dictionary=dictionary, methods="ap,atp").summary()} == {
+        "AP": None,
+        "AtP": result.feature_top["atp"][0]["latent"],
+    }  # every row has the feature columns
     row = loaded.summary()[0]
     assert row["feature_site"] == round(float(result.features["atp/site"].mean()), 4)
     assert row["top_latent"] == result.feature_top["atp"][0]["latent"]

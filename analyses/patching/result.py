@@ -11,6 +11,7 @@ from workbench.analyses.patching.components import PER_HEAD, ComponentError
 from workbench.analysis import Result
 
 NAMES = {"ap": "AP", "atp": "AtP", "relp": "RelP", "ig": "IG"}
+FEATURE_COLUMNS = ("feature_site", "feature_error", "top_latent")
 
 
 @dataclass
@@ -100,7 +101,8 @@ class PatchingResult(Result):
             row = {"method": NAMES[m], "wall_s": round(self.cost[m]["wall_s"], 3)}
             row |= {k: self.cost[m][k] for k in ("forward", "backward")}
             row |= {f"r_{c}": round(r[m][c], 3) for c in self.components} if m in r else {}
-            row |= self.feature_summary(m)
+            if self.feature_top:  # the same columns on every row: the CLI prints the first row's
+                row |= self.feature_summary(m) or dict.fromkeys(FEATURE_COLUMNS)
             rows.append(row)
         return rows
 
