@@ -123,3 +123,15 @@ def test_commands_that_compute_nothing_do_not_import_torch(command, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stderr.strip().splitlines()[-1] == "LIGHT", out.stderr
     assert time.perf_counter() - start < 10  # ~0.6 s here on an idle core; torch alone costs 2-4 s
+
+
+def test_listings_name_the_task_a_patching_result_came_from(tmp_path):
+    """Inputs other than store/model (a task file, a dictionary) are part of "options"."""
+    from workbench import analysis, manage
+
+    task = tmp_path / "pairs.csv"
+    task.write_text("clean,corrupted,answer,wrong\nA B,B A, A, B\n")
+    cfg = analysis.get("patching").make_config(task=str(task), n_prompts=1)
+    options = manage.computed_from(cfg)["options"]
+    assert options["task"] == str(task.resolve()) and options["n_prompts"] == 1
+    assert "task" not in manage.computed_from(analysis.get("patching").make_config())["options"]

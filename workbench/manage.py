@@ -55,7 +55,9 @@ def computed_from(cfg: Any) -> dict[str, Any]:
     `meta.json`: listings show it without importing the analysis."""
     canon = inputs.canonical_config(cfg)
     defaults = inputs.canonical_config(type(cfg)())
-    skip = set(inputs.declared_inputs(cfg)) | inputs.superseded(cfg) | set(SITE_FIELDS)
+    # store and model have their own columns; other inputs (task, dictionary, data) are options
+    shown = {k for k, kind in inputs.declared_inputs(cfg).items() if kind in ("store", "model")}
+    skip = shown | inputs.superseded(cfg) | set(SITE_FIELDS)
     return {
         "store": inputs.canonical_value(cfg, "store"),
         "model": inputs.origin_model(cfg),
