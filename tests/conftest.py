@@ -112,3 +112,24 @@ def smollm2():
     from workbench.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture
+def tiny_store(tiny_model, tiny_model_dir, wikitext):
+    """Capture(sites, n_tokens) -> a store of the tiny model over WikiText, the model pooled so
+    analyses find it instead of booting it again."""
+    import workbench as wb
+    from workbench.context import POOL
+
+    def make(sites: tuple[str, ...], n_tokens: int):
+        POOL.put(tiny_model)
+        return wb.capture(
+            model=str(tiny_model_dir),
+            data=wikitext,
+            n_tokens=n_tokens,
+            ctx_len=32,
+            progress=False,
+            sites=sites,
+        )
+
+    return make

@@ -10,20 +10,11 @@ from click.testing import CliRunner
 import workbench as wb
 from workbench import analysis
 from workbench.cli import cli
-from workbench.context import POOL
 
 
 @pytest.fixture
-def store(tiny_model, tiny_model_dir, wikitext):
-    POOL.put(tiny_model)
-    return wb.capture(
-        model=str(tiny_model_dir),
-        data=wikitext,
-        n_tokens=256,
-        ctx_len=32,
-        progress=False,
-        sites=("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post"),
-    )
+def store(tiny_store):
+    return tiny_store(("blocks.*.mlp.hook_post", "blocks.*.hook_resid_post"), n_tokens=256)
 
 
 def test_activation_stats_values(store):

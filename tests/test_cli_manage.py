@@ -14,22 +14,13 @@ from click.testing import CliRunner
 import workbench as wb
 from workbench import api
 from workbench.cli import cli
-from workbench.context import POOL
 
 PRESETS = Path(__file__).parents[1] / "data" / "presets"
 
 
 @pytest.fixture
-def store(tiny_model, tiny_model_dir, wikitext):
-    POOL.put(tiny_model)
-    return wb.capture(
-        model=str(tiny_model_dir),
-        data=wikitext,
-        n_tokens=128,
-        ctx_len=32,
-        progress=False,
-        sites="blocks.*.mlp.hook_post",
-    )
+def store(tiny_store):
+    return tiny_store("blocks.*.mlp.hook_post", n_tokens=128)
 
 
 def test_results_say_what_each_was_computed_from(store):

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 import workbench as wb
 from workbench import api, inputs
 from workbench.cli import cli
-from workbench.context import POOL
 
 
 @dataclass(frozen=True)
@@ -49,16 +48,8 @@ def test_canonical_path_spellings(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def store(tiny_model, tiny_model_dir, wikitext):
-    POOL.put(tiny_model)
-    return wb.capture(
-        model=str(tiny_model_dir),
-        data=wikitext,
-        n_tokens=128,
-        ctx_len=32,
-        progress=False,
-        sites=("blocks.*.mlp.hook_post",),
-    )
+def store(tiny_store):
+    return tiny_store(("blocks.*.mlp.hook_post",), n_tokens=128)
 
 
 def test_one_key_for_every_spelling_of_a_store_and_for_ignored_options(store, tmp_path, monkeypatch):
