@@ -160,6 +160,20 @@ def poll(jid: str, every: float = 0.5) -> None:
     panel()
 
 
+def follow_job(job_state: str, result_state: str, label: str) -> None:
+    """The page's background job (its id in `st.session_state[job_state]`): progress while it
+    runs, its error if it failed, and once done its result key in `st.session_state[result_state]`."""
+    jid = st.session_state.get(job_state)
+    j = job(jid) if jid else None
+    if j is not None and j.status == "running":
+        poll(jid)
+    elif j is not None and j.status == "failed":
+        st.error(f"{label} failed: {j.error}")
+    elif j is not None and j.status == "done":
+        st.session_state[result_state] = j.key
+        st.session_state.pop(job_state)
+
+
 # --- rendering ---------------------------------------------------------------------------
 def _colour(value: float, vmax: float) -> str:
     alpha = min(abs(value) / vmax, 1.0) if vmax > 0 else 0.0

@@ -68,15 +68,7 @@ if submitted:
             overrides["force"] = True
         st.session_state[f"job:{name}"] = ui.start_job(name, overrides)
 
-jid = st.session_state.get(f"job:{name}")
-job = ui.job(jid) if jid else None
-if job is not None and job.status == "running":
-    ui.poll(jid)
-elif job is not None and job.status == "failed":
-    st.error(f"{name} failed: {job.error}")
-elif job is not None and job.status == "done":
-    st.session_state["result"] = job.key
-    st.session_state.pop(f"job:{name}")
+ui.follow_job(f"job:{name}", "result", name)
 
 cached = api.cached(name)
 if not cached:

@@ -57,15 +57,7 @@ if submitted:
         api.make_config(NAME, **overrides)  # bad options fail here, before a thread starts
         st.session_state["patching-job"] = ui.start_job(NAME, overrides)
 
-jid = st.session_state.get("patching-job")
-job = ui.job(jid) if jid else None
-if job is not None and job.status == "running":
-    ui.poll(jid)
-elif job is not None and job.status == "failed":
-    st.error(f"patching failed: {job.error}")
-elif job is not None and job.status == "done":
-    st.session_state["patching-result"] = job.key
-    st.session_state.pop("patching-job")
+ui.follow_job("patching-job", "patching-result", "patching")
 
 rows = api.cached(NAME)
 if not rows:
