@@ -133,3 +133,15 @@ def tiny_store(tiny_model, tiny_model_dir, wikitext):
         )
 
     return make
+
+
+def plant_identity(sae):
+    """W_enc = [I, -I], W_dec = [I; -I], zero biases: ReLU(x) - ReLU(-x) = x, a planted perfect
+    dictionary with d_sae = 2 d_in. Returns the SAE."""
+    eye = torch.eye(sae.W_enc.shape[0])
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import plant_identity
 
 from workbench import lrp
 from workbench.analyses.patching.attribution import gradients
@@ -111,13 +112,7 @@ def test_relp_and_atp_differ_on_a_gated_model(tiny_model, task, dictionaries):
 def test_an_exact_dictionary_leaves_nothing_to_the_error_node(tiny_model, task, tmp_path):
     """Planted: W_enc = [I, -I], ReLU, W_dec = [I; -I] reconstructs x exactly (relu(x) - relu(-x))."""
     d = 64
-    sae = build(ArchSpec("standard", d, 2 * d), {"hook_name": SAE_SITE})
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
+    sae = plant_identity(build(ArchSpec("standard", d, 2 * d), {"hook_name": SAE_SITE}))
     sae = load_dictionary(save_dictionary(sae, tmp_path / "exact"))
     scores = feature_attribution(tiny_model, task, sae, "normalized", "relp")
     assert scores.error.abs().max() < 1e-6 * scores.site.abs().max()

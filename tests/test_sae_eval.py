@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import plant_identity
 
 from workbench.sae import metrics as M
 
@@ -115,14 +116,9 @@ def _identity_sae(d: int):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, metadata=SAEMetadata(hook_name=SITE)))
-    eye = torch.eye(d)
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
+    return plant_identity(
+        StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, metadata=SAEMetadata(hook_name=SITE)))
+    )
 
 
 def _topk_sae(d: int, seed: int = 0):
