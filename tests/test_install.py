@@ -16,8 +16,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -129,21 +127,17 @@ def _listening(port: int) -> set[str]:
 
 
 def _serve_until_healthy(cmd: list, cwd: Path, env: dict, port: int, timeout: float = 180) -> set[str]:
-    """Start a server, poll /_stcore/health until it answers "ok", return its listening addresses, stop it."""
+    """Start a server, wait until /_stcore/health answers, return its listening addresses, stop it."""
+    from workbench.app_pages._demo import _wait_healthy
+
     proc = subprocess.Popen(
         [str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        return _listening(port)
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"no healthy server on port {port} within {timeout} s")
+        _wait_healthy(f"http://127.0.0.1:{port}", proc, timeout)
+        return _listening(port)
+    except RuntimeError as err:  # the server exited: show why
+        raise AssertionError(f"{err}\n{proc.stdout.read().decode()[-3000:]}") from err
     finally:
         proc.terminate()
         try:
