@@ -32,7 +32,8 @@ from workbench.analyses.dashboards.compute import (
     store_batches,
     windows,
 )
-from workbench.analyses.dashboards.result import DashboardResult, export_neuronpedia
+from workbench.analyses.dashboards.neuronpedia import export_neuronpedia
+from workbench.analyses.dashboards.result import DashboardResult
 from workbench.analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
 from workbench.analysis import register
 from workbench.context import Context

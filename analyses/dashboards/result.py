@@ -1,4 +1,4 @@
-"""The dashboards result: tensors per latent, plain-Python views for the app, Neuronpedia export.
+"""The dashboards result: tensors per latent and plain-Python views for the app (export: neuronpedia.py).
 
 Export field names follow SAEDashboard's `NeuronpediaDashboardFeature`/`Activation` dataclasses and
 Neuronpedia's feature/activation tables (ecosystem.md §4.3).
@@ -6,7 +6,6 @@ Neuronpedia's feature/activation tables (ecosystem.md §4.3).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import torch
 
 from workbench.analysis import Result
-from workbench.sites import layer_of
 
 
 @dataclass
@@ -166,63 +164,6 @@ class DashboardResult(Result):
 
     def export(self, path: str | Path) -> Path:
         """`workbench export KEY PATH`: Neuronpedia/SAEDashboard-compatible JSON of every latent."""
+        from workbench.analyses.dashboards.neuronpedia import export_neuronpedia
+
         return export_neuronpedia(self, path)
-
-    def to_neuronpedia(self, i: int) -> dict[str, Any]:
-        """Latent i as one SAEDashboard/Neuronpedia feature (field names of their dataclasses)."""
-        d = self.latent(i)
-        acts = []
-        groups = [(-1.0, float(self.max_act[i]), -1.0, d["top"])]
-        groups += [(q["bin_min"], q["bin_max"], q["bin_contains"], q["contexts"]) for q in d["quantiles"]]
-        for bin_min, bin_max, contains, ctxs in groups:
-            for c in ctxs:
-                acts.append(
-                    {
-                        "tokens": c["tokens"],
-                        "values": [round(v, 4) for v in c["acts"]],
-                        "maxValue": max(c["acts"]),
-                        "maxValueTokenIndex": max(range(len(c["acts"])), key=c["acts"].__getitem__),
-                        "minValue": min(c["acts"]),
-                        "binMin": bin_min,
-                        "binMax": bin_max,
-                        "binContains": contains,
-                        "bin_min": bin_min,
-                        "bin_max": bin_max,
-                        "bin_contains": contains,
-                    }
-                )
-        counts, edges = self.hist_counts[i], self.hist_edges[i]
-        return {
-            "modelId": self.model,
-            "layer": layer_of(self.site),
-            "index": i,
-            "feature_index": i,
-            "hookName": self.site,
-            "maxActApprox": float(self.max_act[i]),
-            "frac_nonzero": float(self.density[i]),
-            "pos_str": [t for t, _ in d["pos_logits"]],
-            "pos_values": [v for _, v in d["pos_logits"]],
-            "neg_str": [t for t, _ in d["neg_logits"]],
-            "neg_values": [v for _, v in d["neg_logits"]],
-            "topkCosSimIndices": [j for j, _ in d["neighbors"]],
-            "topkCosSimValues": [c for _, c in d["neighbors"]],
-            "freq_hist_data_bar_heights": counts.tolist(),
-            "freq_hist_data_bar_values": ((edges[:-1] + edges[1:]) / 2).tolist(),
-            "n_tokens_in_prompt": len(self.ctx_tokens[i, 0]),
-            "activations": acts,
-        }
-
-
-def export_neuronpedia(result: DashboardResult, path: str | Path, sae_set: str = "", latents=None) -> Path:
-    """Write a SAEDashboard `batch-N.json`-shaped file: {model_id, layer, sae_set, features: [...]}."""
-    latents = range(result.n_latents) if latents is None else latents
-    batch = {
-        "model_id": result.model,
-        "layer": layer_of(result.site),
-        "sae_set": sae_set or ("neurons" if result.source == "neurons" else Path(result.source).name),
-        "features": [result.to_neuronpedia(int(i)) for i in latents],
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(batch))
-    return path
