@@ -27,7 +27,7 @@ from sae_lens import (
 from sae_lens.saes.sae import SAEMetadata, TrainingSAEConfig
 
 from workbench.sae.topafa import TopAFATrainingSAEConfig
-from workbench.sae.transcoder import TranscoderTrainingSAEConfig
+from workbench.sae.transcoder import TranscoderTrainingSAEConfig, check_input_site
 
 ARCHS = ("standard", "topk", "batchtopk", "jumprelu", "mp", "transcoder", "top_afa")
 
@@ -95,6 +95,7 @@ def training_config(spec: ArchSpec, metadata: dict | None = None) -> TrainingSAE
     if spec.arch == "transcoder":
         if spec.d_out <= 0:
             raise ArchError("a transcoder needs a target site (its width d_out)")
+        check_input_site(common["metadata"].hook_name or "", _processing(metadata or {}))
         return TranscoderTrainingSAEConfig(**common, d_out=spec.d_out, **l1)
     if spec.arch == "top_afa":
         return TopAFATrainingSAEConfig(
@@ -104,6 +105,11 @@ def training_config(spec: ArchSpec, metadata: dict | None = None) -> TrainingSAE
             afa_coefficient=spec.afa_coefficient,
         )
     raise ArchError(f"unknown architecture '{spec.arch}'; choose one of {', '.join(ARCHS)}")
+
+
+def _processing(metadata: dict) -> str:
+    """The weight-processing mode a dictionary's metadata records ('' when it records none)."""
+    return metadata.get("processing") or (metadata.get("workbench") or {}).get("processing") or ""
 
 
 def build(spec: ArchSpec, metadata: dict | None = None, seed: int = 0) -> TrainingSAE:

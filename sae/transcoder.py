@@ -1,13 +1,18 @@
 """Training transcoders (Dunefsky, Chlenski, Nanda 2024, "Transcoders Find Interpretable LLM
 Feature Circuits") in SAELens' inference `transcoder` format.
 
-A transcoder reads the MLP input x (`blocks.{l}.ln2.hook_normalized`, d_in) and predicts the MLP
-output y (`blocks.{l}.hook_mlp_out`, d_out) through a sparse code:
+A transcoder reads the MLP's input x (`blocks.{l}.mlp.hook_in` = `ln2.hook_out`, after the norm's
+weight γ; d_in) and predicts the MLP output y (`blocks.{l}.hook_mlp_out`, d_out) through a sparse
+code:
     f = ReLU(W_encᵀ x + b_enc),  ŷ = W_dec f + b_dec          (b_dec has d_out entries)
 Loss = ‖ŷ − y‖² + λ Σ_i f_i ‖W_dec,i‖ (SAELens' decoder-norm-weighted L1, not the repo's ÷‖y‖
 normalisation and ghost grads; see methods.md §2.5). SAELens ships the inference class only
 (`Transcoder`), so this registers the training class under the same architecture name; the
 trainer feeds `torch.cat([x, y], -1)` rows, which `training_forward_pass` splits.
+
+`ln2.hook_normalized` is NOT the MLP input in raw mode: it is taken before γ (on smollm2 layer 15,
+`gate_proj` of it differs from `mlp.hook_pre` by up to 41; of `mlp.hook_in` it matches exactly).
+In compat mode γ is folded into the MLP's weights, so the two coincide there.
 """
 
 from __future__ import annotations
@@ -28,6 +33,36 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 ARCH = "transcoder"
+MLP_INPUT = "mlp.hook_in"  # the MLP's true input: gate_proj/up_proj (W_in) read exactly this
+_PRE_GAMMA = "ln2.hook_normalized"
+
+
+def mlp_input_site(layer: int | str) -> str:
+    """The hook holding what layer `layer`'s MLP reads (after ln2 and its weight γ)."""
+    return f"blocks.{layer}.{MLP_INPUT}"
+
+
+def is_mlp_input(site: str) -> bool:
+    return site.startswith("blocks.") and site.endswith("." + MLP_INPUT)
+
+
+def mlp_output_site(site: str) -> str:
+    """`hook_mlp_out` of the block `site` belongs to; '' for a site outside `blocks.N`."""
+    parts = site.split(".")
+    return (
+        f"blocks.{parts[1]}.hook_mlp_out"
+        if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit()
+        else ""
+    )
+
+
+def check_input_site(site: str, processing: str) -> None:
+    """Refuse the pre-γ `ln2.hook_normalized` as a transcoder input on raw activations (one line)."""
+    if processing == "raw" and site.endswith("." + _PRE_GAMMA):
+        raise ValueError(
+            f"'{site}' is taken before the norm's weight γ, so it is not what the MLP reads in raw "
+            f"mode; train the transcoder on '{site.removesuffix(_PRE_GAMMA) + MLP_INPUT}'"
+        )
 
 
 @dataclass(kw_only=True)

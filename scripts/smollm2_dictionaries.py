@@ -19,7 +19,7 @@ SHARED = "/work/shared/data"
 LAYER = 15
 SITES = (
     f"blocks.{LAYER}.hook_resid_post",
-    f"blocks.{LAYER}.ln2.hook_normalized",
+    f"blocks.{LAYER}.mlp.hook_in",  # the MLP's true input (after the norm's weight γ)
     f"blocks.{LAYER}.hook_mlp_out",
 )
 CORPUS = ",".join(
