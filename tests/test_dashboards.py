@@ -50,72 +50,127 @@ def neurons(store):
 
 
 def _site_acts(store) -> torch.Tensor:
-    """Independent reference: the whole site with BOS rows and non-firing entries masked out."""
+    """Independent reference: the whole site with BOS rows masked out (-inf)."""
     X = store.read(SITE).float()  # [rows, d_mlp]
     pos = torch.arange(len(X)) % CTX
-    return torch.where((X > 0) & (pos[:, None] != 0), X, -torch.inf)
+    return torch.where(pos[:, None] != 0, X, -torch.inf)
 
 
-def test_top_contexts_are_the_global_argmax_rows(store, neurons):
-    X = _site_acts(store)
-    vals, rows = X.T.topk(N_TOP, dim=1)  # [d_mlp, n_top]
+def _windows(store) -> list[tuple]:
+    """Every row's shown token window (ids, -1 outside its sequence), as the dedupe key."""
+    ids = store.token_ids().tolist()
+    return [
+        tuple(ids[w] if r // CTX * CTX <= w < r // CTX * CTX + CTX and w < len(ids) else -1
+              for w in range(r - BEFORE, r + AFTER + 1))
+        for r in range(len(ids))
+    ]  # fmt: skip
+
+
+def ref_top(col: torch.Tensor, windows: list[tuple], k: int) -> list[float]:
+    """Top-k values of col (> 0, -inf = skipped) keeping the best row of each distinct window."""
+    seen, out = set(), []
+    for r in col.argsort(descending=True).tolist():
+        if not col[r] > 0 or len(out) == k:
+            break
+        if windows[r] not in seen:
+            seen.add(windows[r])
+            out.append(float(col[r]))
+    return out
+
+
+def test_top_contexts_are_the_best_distinct_windows(store, neurons):
+    X, windows = _site_acts(store), _windows(store)
     assert store.n_shards(SITE) > 1 and neurons.n_latents == X.shape[1]
-    assert torch.allclose(neurons.top_acts, vals)
-    # the rows hold those values (ties, e.g. repeated text, may come in either order)
-    assert torch.equal(X.T.gather(1, neurons.top_rows), vals)
-    assert (neurons.top_rows == rows).float().mean() > 0.9
-    assert torch.allclose(neurons.max_act, vals[:, 0])
-    fires = X > -torch.inf
-    kept = (torch.arange(len(X)) % CTX != 0).sum()
+    for j in range(0, X.shape[1], 9):
+        ref = ref_top(X[:, j], windows, N_TOP)
+        assert neurons.top_acts[j, : len(ref)].tolist() == pytest.approx(ref, abs=1e-6)
+        neg = ref_top(-X[:, j].nan_to_num(neginf=torch.inf), windows, N_TOP)  # BOS: +inf -> skipped
+        assert (-neurons.neg_acts[j, : len(neg)]).tolist() == pytest.approx(neg, abs=1e-6)
+        rows = neurons.top_rows[j][neurons.top_rows[j] >= 0]
+        assert len({windows[r] for r in rows.tolist()}) == len(rows)  # one example per window
+    # the rows hold those values
+    assert torch.equal(X.T.gather(1, neurons.top_rows.clamp(min=0))[neurons.top_rows >= 0],
+                       neurons.top_acts[neurons.top_rows >= 0])  # fmt: skip
+    assert torch.allclose(neurons.max_act, X.max(0).values.clamp(min=0))
+    assert torch.allclose(neurons.min_act, X.nan_to_num(neginf=torch.inf).min(0).values.clamp(max=0))
+
+
+def test_density_follows_the_firing_rule(store, neurons):
+    """SwiGLU neurons take both signs: density counts |a| > 0.1 max|a|, not a > 0 (which is ~0.5)."""
+    from workbench.firing import FIRE_FRACTION
+
+    X = _site_acts(store)
+    X = X[X[:, 0] > -torch.inf]  # non-BOS rows
+    kept = len(X)
     assert neurons.n_tokens == kept
-    assert torch.allclose(neurons.density, fires.sum(0) / kept)
-    assert torch.allclose(
-        neurons.mean_act, torch.where(fires, X, 0).sum(0) / fires.sum(0).clamp(min=1), atol=1e-5
-    )
+    signed = X.min(0).values < 0
+    assert signed.all()  # the tiny Llama's gated MLP: every neuron signed
+    t = FIRE_FRACTION * X.abs().max(0).values
+    on = X.abs() > t
+    assert torch.allclose(neurons.fire_threshold, t)
+    assert torch.allclose(neurons.density, on.sum(0) / kept)
+    assert torch.allclose(neurons.density_neg, (on & (X < 0)).sum(0) / kept)
+    assert torch.allclose(neurons.mean_act, torch.where(on, X.abs(), 0).sum(0) / on.sum(0), atol=1e-5)
+    assert ((X > 0).float().mean(0) - 0.5).abs().mean() < 0.2  # what "> 0" would have said
+    assert "0.1 × max|a|" in neurons.firing_rule
 
 
 def test_context_windows_hold_tokens_and_activations(store, neurons):
     raw, tokens = store.read(SITE).float(), store.token_ids()
     for j in (0, 7, 100):
-        for slot in range(N_TOP):
-            r = int(neurons.top_rows[j, slot])
-            seq_start = r // CTX * CTX
-            for w, row in enumerate(range(r - BEFORE, r + AFTER + 1)):
-                inside = seq_start <= row < seq_start + CTX
-                assert int(neurons.ctx_tokens[j, slot, w]) == (int(tokens[row]) if inside else -1)
-                if inside:
-                    assert float(neurons.ctx_acts[j, slot, w]) == pytest.approx(float(raw[row, j]), abs=1e-6)
-            assert float(neurons.ctx_acts[j, slot, BEFORE]) == pytest.approx(float(neurons.top_acts[j, slot]))
+        for rows, ctx_t, ctx_a, vals in (
+            (neurons.top_rows, neurons.ctx_tokens, neurons.ctx_acts, neurons.top_acts),
+            (neurons.neg_rows, neurons.neg_ctx_tokens, neurons.neg_ctx_acts, neurons.neg_acts),
+        ):
+            for slot in range(N_TOP):
+                r = int(rows[j, slot])
+                seq_start = r // CTX * CTX
+                for w, row in enumerate(range(r - BEFORE, r + AFTER + 1)):
+                    inside = seq_start <= row < seq_start + CTX
+                    assert int(ctx_t[j, slot, w]) == (int(tokens[row]) if inside else -1)
+                    if inside:
+                        assert float(ctx_a[j, slot, w]) == pytest.approx(float(raw[row, j]), abs=1e-6)
+                assert float(ctx_a[j, slot, BEFORE]) == pytest.approx(float(vals[j, slot]))
+    view = neurons.latent(7)
+    assert view["signed"] and [c["act"] for c in view["negative"]] == pytest.approx(
+        neurons.neg_acts[7].tolist()
+    )
+    assert all(c["tokens"][c["max_index"]] == neurons.decoded[str(int(neurons.neg_ctx_tokens[7, i, BEFORE]))]
+               for i, c in enumerate(view["negative"]))  # fmt: skip
 
 
 def test_quantiles_and_histogram(store, neurons):
+    """Signed units: intervals and histogram span [min, max]; quantile samples are firing tokens."""
     X = _site_acts(store)
     raw = store.read(SITE).float()
     n_q, s = 5, 5
     assert neurons.quantile_acts.shape == (X.shape[1], n_q * s)
     for j in (3, 50):
-        m = float(neurons.max_act[j])
+        lo, hi, t = float(neurons.min_act[j]), float(neurons.max_act[j]), float(neurons.fire_threshold[j])
+        step = (hi - lo) / n_q
         for q in range(n_q):
-            for t in range(s):
+            for k in range(s):
                 row, act = (
-                    int(neurons.quantile_rows[j, q * s + t]),
-                    float(neurons.quantile_acts[j, q * s + t]),
+                    int(neurons.quantile_rows[j, q * s + k]),
+                    float(neurons.quantile_acts[j, q * s + k]),
                 )
                 if row < 0:
                     continue
-                assert (
-                    act == pytest.approx(float(raw[row, j]))
-                    and q * m / n_q - 1e-6 <= act <= (q + 1) * m / n_q + 1e-6
-                )
-                assert float(neurons.quantile_ctx_acts[j, q * s + t, BEFORE]) == pytest.approx(act)
-        on = X[:, j][X[:, j] > -torch.inf]
-        assert int(neurons.hist_counts[j].sum()) == len(on) == int(neurons.quantile_counts[j].sum())
-        edges = torch.linspace(0, m, n_q + 1)
-        ref_q = [int(((on > lo) & (on <= hi)).sum()) for lo, hi in zip(edges[:-1], edges[1:])]
+                assert act == pytest.approx(float(raw[row, j])) and abs(act) > t
+                assert lo + q * step - 1e-5 <= act <= lo + (q + 1) * step + 1e-5
+                assert float(neurons.quantile_ctx_acts[j, q * s + k, BEFORE]) == pytest.approx(act)
+        col = X[:, j][X[:, j] > -torch.inf]
+        on = col[col.abs() > t]
+        assert int(neurons.quantile_counts[j].sum()) == len(on)
+        assert int(neurons.hist_counts[j].sum()) == len(col)  # signed: every token, both signs
+        edges = torch.linspace(lo, hi, n_q + 1)
+        ref_q = [int(((on > a) & (on <= b)).sum()) for a, b in zip(edges[:-1], edges[1:])]
         assert (neurons.quantile_counts[j] - torch.tensor(ref_q)).abs().sum() <= 2
-        ref = torch.histc(on, bins=32, min=0, max=m)
+        ref = torch.histc(col, bins=32, min=lo, max=hi)
         assert (neurons.hist_counts[j].float() - ref).abs().sum() <= 2  # edge ties may fall either side
-        assert neurons.hist_edges[j, -1] == pytest.approx(m)
+        assert neurons.hist_edges[j, 0] == pytest.approx(lo) and neurons.hist_edges[j, -1] == pytest.approx(
+            hi
+        )
 
 
 def test_correlated_neighbours_match_numpy_corrcoef(store, neurons):
@@ -136,7 +191,8 @@ def test_correlated_neighbours_match_numpy_corrcoef(store, neurons):
 
 def test_logits_and_neighbors_from_W_out(tiny_model, neurons):
     W_out = tiny_model.W_out[0].detach().float()  # [d_mlp, d_model]
-    logits = W_out @ tiny_model.W_U.detach().float()
+    logits = W_out @ tiny_model.W_U.detach().float()  # the tiny model's final-norm gain is 1
+    logits -= logits.mean(-1, keepdim=True)  # logit effects are reported relative to the mean
     assert torch.equal(neurons.top_logit_ids, logits.topk(10).indices)
     assert torch.equal(neurons.bottom_logit_ids, logits.topk(10, largest=False).indices)
     U = W_out / W_out.norm(dim=-1, keepdim=True)
@@ -151,7 +207,7 @@ def test_logits_and_neighbors_from_W_out(tiny_model, neurons):
         pytest.approx(float(logits[7].max())),
     )
     assert len(view["top"]) == N_TOP and len(view["top"][0]["tokens"]) == len(view["top"][0]["acts"])
-    assert "W_out[layer] @ W_U" in neurons.logit_note
+    assert "W_out[layer] @ W_U" in neurons.logit_note and "diag(γ_final)" in neurons.logit_note
 
 
 def test_identity_dictionary_reproduces_neuron_dashboards(store, neurons, tmp_path):
@@ -172,7 +228,10 @@ def test_identity_dictionary_reproduces_neuron_dashboards(store, neurons, tmp_pa
     assert torch.equal(res.top_rows, neurons.top_rows[:40])
     assert torch.allclose(res.ctx_acts, neurons.ctx_acts[:40].clamp(min=0), atol=1e-6)
     assert torch.equal(res.top_logit_ids, neurons.top_logit_ids[:40])  # W_dec @ W_out @ W_U
-    assert torch.allclose(res.density, neurons.density[:40])
+    X = _site_acts(store)[:, :40]
+    assert torch.allclose(res.density, (X > 0).sum(0) / (X[:, 0] > -torch.inf).sum())  # a > 0 for latents
+    assert (res.min_act == 0).all() and (res.fire_threshold == 0).all() and (res.neg_rows == -1).all()
+    assert res.latent(3)["negative"] == [] and not res.latent(3)["signed"]
     assert (res.neighbor_cos[:, 0].abs() < 1e-6).all()  # identity decoder: orthogonal latents
 
 

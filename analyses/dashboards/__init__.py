@@ -1,18 +1,20 @@
 """Feature dashboards for every latent of a dictionary, or every neuron of a site, from the store.
 
 In the style of Anthropic's "Towards Monosemanticity" feature pages and SAEDashboard/Neuronpedia
-(ecosystem.md §4.3, §6.2): top activating contexts with per-token activations, samples from
-activation quantile intervals, activation density and histogram, the top ± output logits of the
-latent's output direction (W_dec · W_U for dictionaries; W_out[layer] · W_U for MLP neurons; the
-unembedding is used as loaded, so the final norm is folded in only for 'compat' stores), the
+(ecosystem.md §4.3, §6.2): top activating contexts with per-token activations (one per distinct
+token window), top negative contexts for units that take both signs (SwiGLU neurons), samples from
+activation intervals, firing density and histogram, the top ± logit effects of the unit's output
+direction (W_dec for dictionaries, W_out[layer] for MLP neurons) through the final norm's gain
+(logits.py: the same numbers as SAEDashboard on a norm-folded model, in raw and compat mode), the
 nearest latents by decoder cosine, and the most correlated latents by activation over the scanned
 tokens (Pearson r, up to 8192 latents). Raw neurons ("neuron dashboards") use the same code with the
-stored site value as the activation. A latent 'fires' on a token when its activation is > 0.
+stored site value as the activation. When a unit fires: workbench.firing (stated in the result).
 
 Three streaming passes over the store's shards, memory bounded by one shard × latents:
-1. density, mean, a running top-k per latent (torch.topk over the kept and new candidates) and
-   the co-activation sums (Σa, Σaᵀa) behind the correlations;
-2. the activation histogram on [0, max] and quantile samples (random-key top-k per interval);
+1. range (min, max), running top positive and top negative examples per latent, one per token
+   window (topk.UniqueTopK), and the co-activation sums (Σa, Σaᵀa) behind the correlations;
+2. firing density from the range, the histogram on [min(0, min), max] and quantile samples
+   (random-key top-k per interval);
 3. the activations of every latent on its context windows (only the rows those windows touch).
 """
 
@@ -23,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from workbench.analyses.dashboards.compute import (
-    N_BINS,
     Latents,
     directions,
     logits_and_neighbors,
@@ -32,12 +33,16 @@ from workbench.analyses.dashboards.compute import (
     store_batches,
     windows,
 )
+from workbench.analyses.dashboards.logits import NOTE as LOGIT_NOTE
 from workbench.analyses.dashboards.neuronpedia import export_neuronpedia
 from workbench.analyses.dashboards.result import DashboardResult
-from workbench.analyses.sae_eval import check_processing, dictionary_sites, load_dictionary
+from workbench.analyses.dashboards.topk import window_hashes
+from workbench.analyses.sae_eval import dictionary_sites, load_dictionary
 from workbench.analysis import register
 from workbench.context import Context
+from workbench.firing import RULE as FIRING_RULE
 from workbench.inputs import input_field
+from workbench.sae.compat import check_store
 
 __all__ = ["DashboardConfig", "DashboardResult", "export_neuronpedia", "run"]
 
@@ -83,13 +88,13 @@ def _resolve(cfg: DashboardConfig, store):
         raise ValueError(f"dictionary reads {dictionary_sites(sae)[0]}, not --site {cfg.site}")
     store.records(site)  # readable error when the store lacks the site
     if sae is not None:
-        check_processing(sae, store)
+        check_store(sae, store, cfg.dictionary)  # model, processing and width, before any pass
     return sae, site
 
 
-@register("dashboards", version=3)
+@register("dashboards", version=4)
 def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
-    """Feature/neuron dashboards: top and quantile contexts, density, histogram, ± logits, neighbours."""
+    """Feature/neuron dashboards: top ± and quantile contexts, firing density, histogram, ± logits, neighbours."""
     if not cfg.store:
         raise ValueError("dashboards needs --store (an activation store holding the site)")
     store = ctx.store(cfg.store)
@@ -109,21 +114,22 @@ def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
     def batches(desc):
         return store_batches(store, site, keep, cfg.token_batch, ctx, desc)
 
-    top = pass_top(batches("dashboards: top-k"), acts_of, n, cfg.n_top)
-    max_act = top["top_acts"][:, 0].clone()
-    counts, q_acts, q_rows, q_counts = pass_hist_quantiles(
-        batches("dashboards: quantiles"), acts_of, max_act, cfg.n_quantiles, cfg.quantile_samples, cfg.seed
+    hashes = window_hashes(token_ids, store.config["ctx_len"], cfg.window_before, cfg.window_after)
+    top = pass_top(batches("dashboards: top-k"), acts_of, n, cfg.n_top, hashes)
+    lo, hi = top["min_act"].clamp(max=0), top["max_act"].clamp(min=0)
+    stats = pass_hist_quantiles(
+        batches("dashboards: quantiles"), acts_of, lo, hi, cfg.n_quantiles, cfg.quantile_samples, cfg.seed
     )
-    centers = torch.cat([top["top_rows"], q_rows], 1)
+    k = cfg.n_top
+    centers = torch.cat([top["top_rows"], top["neg_rows"], stats["quantile_rows"]], 1)
     tokens, acts = windows(store, site, acts_of, centers, cfg.window_before, cfg.window_after, token_ids)
-    D, note = directions(sae, model, site)
+    D, how = directions(sae, model, site)
     W_cos = sae.W_dec.detach() if sae is not None else D if D is not None and len(D) == width else None
-    extra = logits_and_neighbors(D, model.W_U.detach().float(), n, W_cos)
+    extra = logits_and_neighbors(D, model, n, W_cos)
     used = torch.cat(
         [tokens.flatten(), extra["top_logit_ids"].flatten(), extra["bottom_logit_ids"].flatten()]
     ).unique()
     decoded = {str(int(t)): model.tokenizer.decode([int(t)]) for t in used if t >= 0}
-    k = cfg.n_top
     return DashboardResult(
         site=site,
         source=cfg.dictionary or "neurons",
@@ -131,24 +137,24 @@ def run(cfg: DashboardConfig, ctx: Context) -> DashboardResult:
         n_latents=n,
         n_tokens=int(top["count"]),
         decoded=decoded,
-        logit_note=note + " (unembedding as loaded: final norm folded only for 'compat' stores)",
+        logit_note=f"{how}; {LOGIT_NOTE}" if D is not None else how,
+        firing_rule=FIRING_RULE,
         window_before=cfg.window_before,
         quantile_samples=cfg.quantile_samples,
-        density=top["density"],
-        max_act=max_act,
-        mean_act=top["mean_act"],
+        max_act=hi,
+        min_act=lo,
         top_acts=top["top_acts"],
         top_rows=top["top_rows"],
         ctx_tokens=tokens[:, :k],
         ctx_acts=acts[:, :k],
-        quantile_acts=q_acts,
-        quantile_rows=q_rows,
-        quantile_counts=q_counts,
-        quantile_ctx_tokens=tokens[:, k:],
-        quantile_ctx_acts=acts[:, k:],
-        hist_counts=counts,
-        hist_edges=max_act[:, None] * torch.linspace(0, 1, N_BINS + 1)[None],
+        neg_acts=top["neg_acts"],
+        neg_rows=top["neg_rows"],
+        neg_ctx_tokens=tokens[:, k : 2 * k],
+        neg_ctx_acts=acts[:, k : 2 * k],
+        quantile_ctx_tokens=tokens[:, 2 * k :],
+        quantile_ctx_acts=acts[:, 2 * k :],
         corr_neighbors=top["corr_neighbors"],
         corr_values=top["corr_values"],
+        **stats,
         **extra,
     )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from workbench.analyses.dashboards.logits import folded_unembed, logit_effects
+from workbench.analyses.dashboards.topk import UniqueTopK
 from workbench.analyses.sae_eval import dictionary_sites
 from workbench.context import Context
+from workbench.firing import fire_threshold, fires, is_signed
 from workbench.sae.metrics import nearest_by_cosine
 from workbench.sites import layer_of
 
@@ -87,32 +90,48 @@ class CoActivation:
         return {"corr_neighbors": ids, "corr_values": r}
 
 
-def pass_top(batches, acts_of, n: int, n_top: int) -> dict[str, torch.Tensor]:
-    vals, rows = torch.full((n, n_top), -torch.inf), torch.full((n, n_top), -1)
-    fires, sums, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
+def pass_top(batches, acts_of, n: int, n_top: int, hashes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Range, top positive and top negative examples (one per token window) and co-activation sums.
+
+    hashes: [rows] window hash of every store row (topk.window_hashes)."""
+    pos, neg = UniqueTopK(n, n_top), UniqueTopK(n, n_top)
+    lo, hi, count = torch.full((n,), torch.inf), torch.full((n,), -torch.inf), 0
     co = CoActivation(n)
     for r, x in batches:
         a = acts_of(x)  # [B, n]
-        on = a > 0
-        fires += on.sum(0)
-        sums += torch.where(on, a, 0).sum(0).double()
+        lo, hi = torch.minimum(lo, a.min(0).values), torch.maximum(hi, a.max(0).values)
         count += len(a)
         co.add(a)
-        vals, rows, _ = merge_topk(vals, rows, torch.where(on, a, -torch.inf).T, r[None], n_top)
-    rows[vals == -torch.inf] = -1
+        h = hashes[r]
+        pos.add(torch.where(a > 0, a, -torch.inf), r, h)
+        neg.add(torch.where(a < 0, -a, -torch.inf), r, h)
+    top_acts, top_rows = pos.result()
+    neg_acts, neg_rows = neg.result()
+    seen = count > 0
     return {
-        "top_acts": vals.clamp(min=0),
-        "top_rows": rows,
-        "density": (fires / max(count, 1)).float(),
-        "mean_act": (sums / fires.clamp(min=1)).float(),
+        "top_acts": top_acts.clamp(min=0),
+        "top_rows": top_rows,
+        "neg_acts": (-neg_acts).clamp(max=0),
+        "neg_rows": neg_rows,
+        "min_act": lo if seen else torch.zeros(n),
+        "max_act": hi if seen else torch.zeros(n),
         "count": torch.tensor(count),
         **co.nearest(n),
     }
 
 
-def pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: int, seed: int):
-    """Histogram of nonzero activations on [0, max] and s random samples per interval (q/n_q, (q+1)/n_q]·max."""
-    n = len(max_act)
+def pass_hist_quantiles(batches, acts_of, lo, hi, n_q: int, s: int, seed: int):
+    """Firing statistics (workbench.firing), histogram and quantile samples per unit.
+
+    lo, hi: [n] the unit's range ([0, max] for non-negative units, [min, max] for signed ones).
+    Density = fraction of tokens where the unit fires, density_neg where it fires below −t;
+    mean_act = mean |a| over firing tokens. The histogram counts firing tokens of non-negative
+    units and every token of signed units on [lo, hi]; quantile samples: s random firing tokens
+    from each of n_q equal intervals of [lo, hi] (random-key top-k).
+    """
+    n = len(hi)
+    t = fire_threshold(lo, hi)
+    signed = is_signed(lo)
     gen = torch.Generator().manual_seed(seed)
     counts = torch.zeros(n * N_BINS, dtype=torch.long)
     q_counts = torch.zeros(n * n_q, dtype=torch.long)
@@ -121,15 +140,22 @@ def pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: in
         torch.full((n, n_q, s), -1),
         torch.zeros(n, n_q, s),
     )
-    scale = torch.where(max_act > 0, max_act, 1.0)
-    latent = torch.arange(n) * N_BINS
+    fired, fired_neg, abs_sum = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+    count = 0
+    width = torch.where(hi > lo, hi - lo, 1.0)
     for r, x in batches:
         a = acts_of(x)
-        on = a > 0
+        on = fires(a, t)
+        count += len(a)
+        fired += on.sum(0)
+        fired_neg += (on & (a < 0)).sum(0)
+        abs_sum += torch.where(on, a.abs(), 0).sum(0).double()
+        u = (a - lo) / width  # position in [lo, hi] as a fraction
         counts += torch.bincount(
-            (latent + (a / scale * N_BINS).long().clamp(0, N_BINS - 1))[on], minlength=n * N_BINS
+            (torch.arange(n) * N_BINS + (u * N_BINS).long().clamp(0, N_BINS - 1))[on | signed],
+            minlength=n * N_BINS,
         )
-        interval = ((a / scale * n_q).ceil().long() - 1).clamp(0, n_q - 1)
+        interval = ((u * n_q).ceil().long() - 1).clamp(0, n_q - 1)
         q_counts += torch.bincount((torch.arange(n) * n_q + interval)[on], minlength=n * n_q)
         key = torch.rand(a.shape, generator=gen)
         for q in range(n_q):
@@ -139,7 +165,17 @@ def pass_hist_quantiles(batches, acts_of, max_act: torch.Tensor, n_q: int, s: in
             )
     rows[keys == -torch.inf] = -1
     vals[keys == -torch.inf] = 0
-    return counts.reshape(n, N_BINS), vals.reshape(n, -1), rows.reshape(n, -1), q_counts.reshape(n, n_q)
+    return {
+        "density": (fired / max(count, 1)).float(),
+        "density_neg": (fired_neg / max(count, 1)).float(),
+        "mean_act": (abs_sum / fired.clamp(min=1)).float(),
+        "fire_threshold": t,
+        "hist_counts": counts.reshape(n, N_BINS),
+        "hist_edges": lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, N_BINS + 1)[None],
+        "quantile_acts": vals.reshape(n, -1),
+        "quantile_rows": rows.reshape(n, -1),
+        "quantile_counts": q_counts.reshape(n, n_q),
+    }
 
 
 @torch.no_grad()
@@ -195,12 +231,15 @@ def directions(sae, model, site: str) -> tuple[torch.Tensor | None, str]:
 
 
 @torch.no_grad()
-def logits_and_neighbors(D: torch.Tensor | None, W_U: torch.Tensor, n: int, W_cos: torch.Tensor | None):
+def logits_and_neighbors(D: torch.Tensor | None, model, n: int, W_cos: torch.Tensor | None):
+    """Top/bottom N_LOGITS logit effects of the first n directions (logits.logit_effects) and the
+    N_NEIGHBORS nearest rows of W_cos by cosine."""
     out = {k: torch.full((n, N_LOGITS), -1) for k in ("top_logit_ids", "bottom_logit_ids")}
     out |= {k: torch.full((n, N_LOGITS), torch.nan) for k in ("top_logit_vals", "bottom_logit_vals")}
     if D is not None:
+        W_U, centre = folded_unembed(model)
         for lo in range(0, n, 256):
-            logits = D[lo : min(lo + 256, n)] @ W_U  # [chunk, vocab]
+            logits = logit_effects(D[lo : min(lo + 256, n)], W_U, centre)  # [chunk, vocab]
             out["top_logit_vals"][lo : lo + 256], out["top_logit_ids"][lo : lo + 256] = logits.topk(N_LOGITS)
             v, i = logits.topk(N_LOGITS, largest=False)
             out["bottom_logit_vals"][lo : lo + 256], out["bottom_logit_ids"][lo : lo + 256] = v, i

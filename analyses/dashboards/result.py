@@ -26,18 +26,28 @@ class DashboardResult(Result):
     decoded: dict[str, str]
     """Token id (as str) -> decoded string, for every id in contexts and logits."""
     logit_note: str
+    """What the logit effect is (logits.NOTE) and which output direction it uses."""
+    firing_rule: str
+    """When a unit fires and what density means (workbench.firing.RULE)."""
     window_before: int
     quantile_samples: int
-    density: torch.Tensor  # [n_latents] fraction of scanned tokens with activation > 0
-    max_act: torch.Tensor  # [n_latents]
-    mean_act: torch.Tensor  # [n_latents] mean over the tokens where the latent fires
-    top_acts: torch.Tensor  # [n_latents, n_top]
+    density: torch.Tensor  # [n_latents] fraction of scanned tokens where the unit fires (firing_rule)
+    density_neg: torch.Tensor  # [n_latents] fraction where it fires below −threshold (0 if non-negative)
+    fire_threshold: torch.Tensor  # [n_latents] t on |a|: 0 for non-negative units
+    max_act: torch.Tensor  # [n_latents] largest activation, >= 0
+    min_act: torch.Tensor  # [n_latents] smallest activation, <= 0; < 0 marks a signed unit
+    mean_act: torch.Tensor  # [n_latents] mean |activation| over the tokens where the unit fires
+    top_acts: torch.Tensor  # [n_latents, n_top] largest positive activations, one per token window
     top_rows: torch.Tensor  # [n_latents, n_top] store row of the activating token, -1 = none
     ctx_tokens: torch.Tensor  # [n_latents, n_top, window] token ids, -1 = padding
     ctx_acts: torch.Tensor  # [n_latents, n_top, window]
+    neg_acts: torch.Tensor  # [n_latents, n_top] most negative activations, one per window (0 = none)
+    neg_rows: torch.Tensor  # [n_latents, n_top] their store rows, -1 = none
+    neg_ctx_tokens: torch.Tensor  # [n_latents, n_top, window]
+    neg_ctx_acts: torch.Tensor
     quantile_acts: torch.Tensor  # [n_latents, n_quantiles * samples], interval-major
     quantile_rows: torch.Tensor
-    quantile_counts: torch.Tensor  # [n_latents, n_quantiles] firing tokens per interval
+    quantile_counts: torch.Tensor  # [n_latents, n_quantiles] firing tokens per interval of [min, max]
     quantile_ctx_tokens: torch.Tensor
     quantile_ctx_acts: torch.Tensor
     top_logit_ids: torch.Tensor  # [n_latents, 10], -1 when the site has no output direction
@@ -48,8 +58,8 @@ class DashboardResult(Result):
     neighbor_cos: torch.Tensor
     corr_neighbors: torch.Tensor  # [n_latents, 8] by activation correlation over the tokens, -1 = none
     corr_values: torch.Tensor  # Pearson r
-    hist_counts: torch.Tensor  # [n_latents, 32] counts of nonzero activations
-    hist_edges: torch.Tensor  # [n_latents, 33] from 0 to max_act
+    hist_counts: torch.Tensor  # [n_latents, 32] firing tokens (non-negative) or all tokens (signed)
+    hist_edges: torch.Tensor  # [n_latents, 33] from min(0, min_act) to max_act
 
     # --- plain-Python views for the app and notebooks ---------------------------------------
     def _tok(self, i: int) -> str:
@@ -76,10 +86,11 @@ class DashboardResult(Result):
         return [(self._tok(t), float(v)) for t, v in zip(ids, vals) if t >= 0]
 
     def latent(self, i: int) -> dict[str, Any]:
-        """Everything about latent i as plain Python (contexts, logits, neighbours, histogram)."""
+        """Everything about unit i as plain Python: firing numbers, top positive and (for signed
+        units) top negative contexts, quantile samples, logits, neighbours, histogram."""
         if not 0 <= i < self.n_latents:
             raise IndexError(f"latent {i} out of range: this result has {self.n_latents} latents")
-        s, max_act = self.quantile_samples, float(self.max_act[i])
+        s, lo, hi = self.quantile_samples, float(self.min_act[i]), float(self.max_act[i])
         n_q = self.quantile_acts.shape[1] // max(s, 1)
         quantiles = []
         for q in range(n_q):
@@ -88,14 +99,19 @@ class DashboardResult(Result):
                 self.quantile_ctx_tokens[i, sl], self.quantile_ctx_acts[i, sl], self.quantile_acts[i, sl]
             )
             frac = float(self.quantile_counts[i, q] / self.quantile_counts[i].sum().clamp(min=1))
-            lo, hi = q * max_act / n_q, (q + 1) * max_act / n_q
-            quantiles.append({"bin_min": lo, "bin_max": hi, "bin_contains": frac, "contexts": ctxs})
+            b_lo, b_hi = lo + q * (hi - lo) / n_q, lo + (q + 1) * (hi - lo) / n_q
+            quantiles.append({"bin_min": b_lo, "bin_max": b_hi, "bin_contains": frac, "contexts": ctxs})
         return {
             "latent": i,
+            "signed": lo < 0,
             "density": float(self.density[i]),
-            "max_act": max_act,
+            "density_neg": float(self.density_neg[i]),
+            "fire_threshold": float(self.fire_threshold[i]),
+            "max_act": hi,
+            "min_act": lo,
             "mean_act": float(self.mean_act[i]),
             "top": self._contexts(self.ctx_tokens[i], self.ctx_acts[i], self.top_acts[i]),
+            "negative": self._contexts(self.neg_ctx_tokens[i], self.neg_ctx_acts[i], self.neg_acts[i]),
             "quantiles": quantiles,
             "pos_logits": self._logits(self.top_logit_ids[i], self.top_logit_vals[i]),
             "neg_logits": self._logits(self.bottom_logit_ids[i], self.bottom_logit_vals[i]),
@@ -120,6 +136,7 @@ class DashboardResult(Result):
                     "latent": i,
                     "density": float(self.density[i]),
                     "max_act": float(self.max_act[i]),
+                    "min_act": float(self.min_act[i]),
                     "mean_act": float(self.mean_act[i]),
                     "top_tokens": " | ".join(tops),
                     "top_logits": " | ".join(logits),
@@ -135,6 +152,7 @@ class DashboardResult(Result):
                 "source": self.source,
                 "n_latents": self.n_latents,
                 "n_tokens": self.n_tokens,
+                "frac_signed": float((self.min_act < 0).float().mean()),
                 "frac_dead": float((d == 0).float().mean()),
                 "median_density": float(d.median()),
                 "frac_density_over_10_percent": float((d > 0.1).float().mean()),
