@@ -84,13 +84,15 @@ def training_config(spec: ArchSpec, metadata: dict | None = None) -> TrainingSAE
             target_l0=spec.target_l0 or None,
         )
     if spec.arch == "mp":
-        # T = k greedy steps (paper / overcomplete); no early stop on the residual norm
+        # exactly k greedy steps (Costa et al. 2025 / overcomplete): SAELens' defaults stop early on
+        # a small residual or when a step re-selects an atom already in the support (then the
+        # steps after it, which would add new atoms, never run)
         return MatchingPursuitTrainingSAEConfig(
             **common,
             decoder_init_norm=1.0,
             max_iterations=spec.k,
             residual_threshold=0.0,
-            stop_on_duplicate_support=True,
+            stop_on_duplicate_support=False,
         )
     if spec.arch == "transcoder":
         if spec.d_out <= 0:

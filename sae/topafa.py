@@ -5,12 +5,19 @@ With ε-quasi-orthogonal unit-norm atoms, ‖x_c‖² ≈ ‖f‖² (the AFA clo
 active latents per token need not be a hyper-parameter: sort the decoder-norm-scaled activations
 s_i = (a_i ‖W_dec,i‖)² in descending order, take cumulative sums C_k, and keep the top
 k* = argmin_k |√C_k − ‖x_c‖₂| latents (C_h is set to 1e8 so "keep all" never wins). The loss adds
-λ_AFA · mean_tokens (‖f‖₂ − ‖x_c‖₂)² and the TopK AuxK dead-latent term to the MSE.
+λ_AFA · d_in · mean_tokens (‖f‖₂ − ‖x_c‖₂)² and the TopK AuxK dead-latent term to the MSE.
 
 As in the paper's code (`TopAFASAE`, derived from BatchTopK) there is no encoder bias:
-a = ReLU(W_encᵀ (x − b_dec)). One deliberate difference: the norm-matching loss uses
-‖x − b_dec‖ (the vector the atoms decompose, the same norm k* is chosen against) where the repo
-uses ‖x‖; with the repo's per-token standardised inputs the two nearly coincide.
+a = ReLU(W_encᵀ (x − b_dec)). Two points checked against that code (`get_loss_dict`):
+* Coefficient units. The paper's loss is mean_{tokens,d}(x̂ − x)² + λ_AFA · mean_tokens(…)²;
+  SAELens' MSE (and AuxK) sum over d_in instead of averaging, so the norm-matching term is
+  multiplied by d_in here: `afa_coefficient` is the paper's λ_AFA (its sweep 1/128 … 1/16) and
+  our total loss is d_in × the paper's (Adam is invariant to that scale).
+* Target norm. The term is (‖f‖₂ − ‖x − b_dec‖₂)² with ‖x − b_dec‖ DETACHED, where the repo uses
+  ‖x‖: x − b_dec is the vector the atoms decompose and the norm k* is chosen against (with the
+  repo's per-token standardised inputs b_dec is near 0 and the two coincide, but with b_dec at
+  the data's median ‖x‖ ≫ ‖x − b_dec‖ and selection and loss would disagree), and detaching keeps
+  the term from moving b_dec to fit ‖f‖ (b_dec is set by the reconstruction loss alone).
 """
 
 from __future__ import annotations
@@ -92,7 +99,8 @@ def _encode_afa(sae: SAE, x: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class TopAFATrainingSAEConfig(TopKTrainingSAEConfig):
-    """Training config: `afa_coefficient` weights the norm-matching loss (paper sweeps 1/128..1/16)."""
+    """Training config: `afa_coefficient` is the paper's λ_AFA, the norm-matching weight relative to
+    a per-element mean MSE (its sweep: 1/128 … 1/16; applied × d_in against SAELens' summed MSE)."""
 
     afa_coefficient: float = 1 / 32
     aux_loss_coefficient: float = 1 / 32
@@ -138,9 +146,11 @@ class TopAFATrainingSAE(TopKTrainingSAE):
         self, step_input: TrainStepInput, feature_acts: Tensor, hidden_pre: Tensor, sae_out: Tensor
     ) -> dict[str, Tensor]:
         losses = super().calculate_aux_loss(step_input, feature_acts, hidden_pre, sae_out)
-        x_norm = (step_input.sae_in - self.b_dec).norm(dim=-1)
+        x_norm = (step_input.sae_in - self.b_dec).norm(dim=-1).detach()  # a target: never pulls on b_dec
         f_norm = (feature_acts * self.W_dec.norm(dim=-1)).norm(dim=-1)
-        losses["afa_loss"] = step_input.coefficients["afa"] * ((f_norm - x_norm) ** 2).mean()
+        # × d_in: SAELens' MSE sums over d_in where the paper's averages (module docstring)
+        afa = step_input.coefficients["afa"] * self.cfg.d_in
+        losses["afa_loss"] = afa * ((f_norm - x_norm) ** 2).mean()
         return losses
 
     @override

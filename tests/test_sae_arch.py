@@ -29,7 +29,7 @@ RECIPES = {
     "jumprelu": (400, 3e-3, {"l0_coefficient": 0.2}),
     "mp": (400, 3e-3, {"k": 3}),
     "transcoder": (400, 3e-3, {"l1_coefficient": 0.3}),
-    "top_afa": (600, 1e-2, {"afa_coefficient": 1.0}),
+    "top_afa": (600, 1e-2, {"afa_coefficient": 1 / 64}),  # the paper's units (its sweep 1/128..1/16)
 }
 
 
@@ -126,7 +126,7 @@ def test_top_afa_k_tracks_planted_active_count(tmp_path):
     k* ≈ 1.8·count + 1.5 (corr ≈ 0.46 after 600 steps), the density pitfall of methods.md §2.7."""
     g = torch.Generator().manual_seed(3)
     D = torch.linalg.qr(torch.randn(D_IN, D_IN, generator=g))[0][:32]  # [32, d_in] orthonormal
-    sae = build(ArchSpec("top_afa", D_IN, 32, afa_coefficient=1.0), {}, seed=0)
+    sae = build(ArchSpec("top_afa", D_IN, 32, afa_coefficient=1 / 64), {}, seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
