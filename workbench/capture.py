@@ -77,7 +77,7 @@ def capture(
     existed = root.exists()
     with store_state.writer_lock(root):
         created = not store_state.is_store(root) and store_state.only_ours(root)
-        run = _open_run(root, cfg, identity, run_id, resolved)
+        run = _open_run(root, cfg, identity, run_id, resolved, sites.recorded_aliases(model, resolved))
         if run["status"] == "complete":
             if store_state.healthy(root, run):
                 return ActivationStore(root)
@@ -105,7 +105,14 @@ def _disk_full(err: BaseException) -> bool:
     return err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
 
 
-def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resolved: list[str]) -> dict:
+def _open_run(
+    root: Path,
+    cfg: CaptureConfig,
+    identity: dict,
+    run_id: str,
+    resolved: list[str],
+    aliases: dict | None = None,
+) -> dict:
     """The run's provenance: read back, or (new store, or run.json lost) written as running."""
     run_json = root / "run.json"
     if run_json.exists():
@@ -132,6 +139,7 @@ def _open_run(root: Path, cfg: CaptureConfig, identity: dict, run_id: str, resol
         "config": {**asdict(cfg), "sites": list(cfg.sites)},
         "identity": identity,
         "sites": resolved,
+        "aliases": aliases or {},  # other names of the stored sites, so reads accept them
         "shapes": {},
         "created": time.time(),
         "versions": _versions(),

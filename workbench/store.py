@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 
 from workbench import paths
+from workbench.sites import held_name
 from workbench.store_index import _status, list_stores, resolve_store  # noqa: F401 - listing without torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,6 +112,18 @@ def write_manifest(root: Path, records: Sequence[ShardRecord], run_id: str | Non
     paths.commit_temp(tmp, root / "manifest.parquet", fsync=False)
 
 
+class _Sites(list):
+    """A store's canonical site names; `in` also accepts their aliases (`blocks.5.hook_out` is in a
+    store of `blocks.5.hook_resid_post`), so every `site in store.sites` check takes either name."""
+
+    def __init__(self, names: Sequence[str], aliases: dict | None):
+        super().__init__(names)
+        self.aliases = aliases or {}
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and held_name(name, self, self.aliases) is not None
+
+
 class ActivationStore:
     """Read side of a capture run: row slices by memory map and seeded shuffled batches."""
 
@@ -122,7 +135,7 @@ class ActivationStore:
             )
         self.run = json.loads((self.root / "run.json").read_text())
         self.config = self.run["config"]
-        self.sites: list[str] = self.run["sites"]
+        self.sites: list[str] = _Sites(self.run["sites"], self.run.get("aliases"))
         if self.complete and not (self.root / "manifest.parquet").exists():
             raise StoreError(
                 f"{self.root} is damaged: run.json says the capture is complete but manifest.parquet "
@@ -152,13 +165,19 @@ class ActivationStore:
         recs = self.records(self.sites[0])
         return recs[-1].row_end if recs else 0
 
+    def site(self, name: str) -> str:
+        """The stored (canonical) name of hook `name`; an alias such as `blocks.5.hook_out` maps to
+        `blocks.5.hook_resid_post` (workbench.sites.held_name)."""
+        held = held_name(name, self.sites, self.sites.aliases)
+        if held is None:
+            raise StoreError(f"site '{name}' is not in this store; it holds: {', '.join(self.sites)}")
+        return held
+
     def shape(self, site: str) -> list[int]:
-        return self.run["shapes"][site]
+        return self.run["shapes"][self.site(site)]
 
     def records(self, site: str) -> list[ShardRecord]:
-        if site not in self._by_site:
-            raise StoreError(f"site '{site}' is not in this store; it holds: {', '.join(self.sites)}")
-        return self._by_site[site]
+        return self._by_site[self.site(site)]
 
     def tokens(self) -> pa.Table:
         """doc, seq, pos, token for every stored row, in row order."""
