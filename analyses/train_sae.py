@@ -1,6 +1,6 @@
 """Train a sparse dictionary (SAE, transcoder, MP-SAE, top-AFA) from an activation store.
 
-    workbench train-sae --store ~/.cache/workbench/stores/<run> --site blocks.15.hook_resid_post \
+    workbench run train-sae --store ~/.cache/workbench/stores/<run> --site blocks.15.hook_resid_post \
         --arch topk --d-sae 4608 --k 32
 
 Batches come from the store (seeded shuffle, never a model forward per step); SAELens' trainer does
@@ -10,10 +10,22 @@ model, hook names, processing mode and BOS policy in its `cfg.json` metadata. Ch
 the run's work folder, so re-running a killed command resumes it. Architectures and equations:
 methods.md §2 (Gao et al. 2024; Bussmann et al. 2024; Rajamanoharan et al. 2024; Dunefsky et al.
 2024; Costa et al. 2025; Lee et al. 2025).
+
+The default recipe (beats SAELens' defaults on the 1M-token smollm2 store, data/sae_notes.md):
+  * rows: the training split's ordinary tokens (`sae.rows`: BOS/special tokens and rows above
+    `outlier_factor` × the median norm left out; every `held_out_every`-th sequence held out);
+  * b_dec initialised at the geometric median (or mean) of the training rows in training units —
+    at zero, most TopK latents never fire (61 % dead on smollm2 L15);
+  * the dead-latent window (AuxK's target set) is min(dead_window_tokens, dead_window_frac × the
+    run's tokens), so short runs get a window AuxK can act on;
+  * a one-line warning when a run makes < 1 pass or > MANY_PASSES passes over its training rows;
+  * the saved dictionary is scored on held-out rows (`final`, split "held_out") and on training
+    rows (`final_train`, split "train").
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -28,10 +40,15 @@ from workbench.data import default_source
 from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 from workbench.sae.archs import ARCHS, ArchSpec, build
-from workbench.sae.data import StoreStream, mean_norm, sample_rows
-from workbench.sae.io import dictionaries_dir, load_dictionary, save_dictionary
+from workbench.sae.data import StoreStream
+from workbench.sae.io import dictionaries_dir, save_dictionary
+from workbench.sae.recipe import dead_window_tokens, init_b_dec, input_scaling, passes_warning, score
+from workbench.sae.rows import RowRule, Rows, select_rows, special_token_ids
 from workbench.sae.train import LoopConfig, train
 from workbench.store import ActivationStore
+
+log = logging.getLogger(__name__)
+MANY_PASSES = 20  # beyond this a small store is memorised rather than summarised: warn
 
 
 @dataclass(frozen=True)
@@ -39,7 +56,7 @@ class TrainSAEConfig:
     store: str = input_field("store")
     """Activation store to train from; empty = capture one (model, data, capture_tokens below)."""
     site: str = ""
-    """Input hook name; empty = the store's only site (transcoder: its ln2.hook_normalized site), or the middle layer when capturing."""
+    """Input hook name; empty = the store's only site (transcoder: its mlp.hook_in site), or the middle layer when capturing."""
     target_site: str = ""
     """Transcoder target hook; empty = hook_mlp_out of the input site's layer."""
     arch: Literal["standard", "topk", "batchtopk", "jumprelu", "mp", "transcoder", "top_afa"] = "topk"
@@ -65,15 +82,21 @@ class TrainSAEConfig:
     lr: float = 3e-4
     """Adam learning rate."""
     n_tokens: int = 0
-    """Training tokens; 0 = one pass over the store (BOS rows excluded)."""
+    """Training tokens; 0 = one pass over the training rows (warned about when < 1 or > 20 passes)."""
     steps: int = 0
     """Training steps; overrides n_tokens when > 0."""
     batch_size: int = 1024
     """Tokens per step."""
     seed: int = 0
     """Seed of the initialisation and of the shuffle."""
-    skip_bos: bool = True
-    """Leave out position-0 (BOS) rows: attention-sink outliers."""
+    skip_special: bool = True
+    """Leave out BOS (position 0) and special-token rows (the tokenizer's BOS/EOS/PAD ids), as SAELens does."""
+    outlier_factor: float = 5.0
+    """Leave out rows whose norm exceeds this × the site's median row norm (massive activations); 0 = off."""
+    held_out_every: int = 20
+    """Hold out every N-th whole sequence (counting back from the last) for evaluation; 0 = train on all."""
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial b_dec (the target site's centre for transcoders), measured on the training rows."""
     normalize: bool = True
     """Scale inputs by √d_in / E‖x‖ during training (SAELens expected_average_only_in), folded in at the end."""
     lr_warm_up_steps: int = 0
@@ -83,11 +106,13 @@ class TrainSAEConfig:
     sparsity_warm_up_steps: int = 0
     """Linear warm-up of the L1/L0 coefficient."""
     dead_window_tokens: int = 500_000
-    """A latent is dead (AuxK target) after this many tokens without firing."""
+    """Cap on the dead-latent window: a latent is dead (AuxK's target) after this many tokens without firing."""
+    dead_window_frac: float = 0.1
+    """The window is min(dead_window_tokens, this × the run's tokens), at least one step."""
     checkpoint_every: int = 200
     """Steps between checkpoints (resume after a kill)."""
     eval_tokens: int = 8192
-    """Stored rows used for the final L0/FVU of the saved dictionary."""
+    """Ordinary rows of each split used for the final L0/FVU of the saved dictionary."""
     model: str = captured(DEFAULT_MODEL, kind="model")
     """Model to capture from when no store is given."""
     data: str = captured(default_factory=default_source, kind="data")
@@ -117,14 +142,23 @@ class TrainSAEResult(Result):
     scaling: list
     """Input (and target) scaling factors used in training, already folded into the weights."""
     final: dict
-    """l0, fvu, explained_variance, mse, dead_frac (never fired on the eval rows), train_dead_frac."""
+    """On held-out rows (split 'held_out'): l0, fvu (ordinary tokens), fvu_all_but_bos, explained_variance,
+    mse, frac_never_fired (no firing on these rows), n_tokens; plus frac_dead_window (dead by the
+    training window at the end), ever_dead_window and revived (latents AuxK brought back)."""
+    final_train: dict
+    """The same measures on training rows (split 'train')."""
+    rows: dict
+    """The row rule (stated), per-site median norms and the rows excluded from training."""
+    dead_window_tokens: int
+    """The dead-latent window this run used (min(cap, frac × run tokens))."""
+    warning: str
+    """The passes warning, if the run made < 1 or > MANY_PASSES passes over its training rows."""
     curves: dict[str, torch.Tensor]
-    """step, tokens, loss, mse, l0, fvu, dead_frac, lr, logged every 10 steps."""
+    """step, tokens, loss, mse, aux_loss, l0, fvu, frac_dead_window, revived, lr, every 10 steps."""
 
     def summary(self) -> list[dict]:
-        return [
-            {"arch": self.arch, "site": self.site, "d_sae": self.d_sae, "tokens": self.tokens, **self.final}
-        ]
+        base = {"arch": self.arch, "site": self.site, "d_sae": self.d_sae, "tokens": self.tokens}
+        return [{**base, **self.final}, {**base, **self.final_train}]
 
     def figures(self) -> dict:
         import plotly.express as px
@@ -135,7 +169,7 @@ class TrainSAEResult(Result):
             ("loss", "training loss", True),
             ("l0", "L0 (active latents per token)", False),
             ("fvu", "fraction of variance unexplained", True),
-            ("dead_frac", "dead-latent fraction", False),
+            ("frac_dead_window", "dead-latent fraction (training window)", False),
         ):
             fig = px.line(x=x, y=self.curves[name].tolist(), log_y=log, title=f"{self.arch} {title}")
             fig.update_layout(xaxis_title="training tokens", yaxis_title=name)
@@ -147,17 +181,13 @@ def resolve_sites(cfg: TrainSAEConfig, sites: list[str]) -> tuple[str, str]:
     """(input site, target site or '') from the config and the store's sites."""
     site = cfg.site
     if not site:
-        pick = [s for s in sites if s.endswith("ln2.hook_normalized")] if cfg.arch == "transcoder" else sites
+        pick = [s for s in sites if s.endswith("mlp.hook_in")] if cfg.arch == "transcoder" else sites
         if len(pick) != 1:
             raise ValueError(f"choose --site: the store holds {', '.join(sites)}")
         site = pick[0]
     target = cfg.target_site
     if cfg.arch == "transcoder" and not target:
-        target = (
-            site.rsplit(".", 2)[0].removesuffix(".ln2") + ".hook_mlp_out"
-            if site.startswith("blocks.")
-            else ""
-        )
+        target = f"blocks.{site.split('.')[1]}.hook_mlp_out" if site.startswith("blocks.") else ""
     for s in (site, target):
         if s and s not in sites:
             raise ValueError(f"site '{s}' is not in the store; it holds: {', '.join(sites)}")
@@ -173,7 +203,7 @@ def open_store(cfg: TrainSAEConfig, ctx: Context) -> ActivationStore:
     if not site:
         mid = ctx.model(cfg.model).cfg.n_layers // 2
         site = (
-            f"blocks.{mid}.ln2.hook_normalized"
+            f"blocks.{mid}.mlp.hook_in"  # the MLP's true input (after the norm's weight)
             if cfg.arch == "transcoder"
             else f"blocks.{mid}.hook_resid_post"
         )
@@ -195,45 +225,18 @@ def open_store(cfg: TrainSAEConfig, ctx: Context) -> ActivationStore:
 def dictionary_metadata(
     store: ActivationStore, cfg: TrainSAEConfig, site: str, target: str, scaling: list
 ) -> dict:
-    sc = store.config
-    meta = {
-        "model_name": sc.get("model"),
-        "hook_name": site,
-        "context_size": sc.get("ctx_len"),
-        "prepend_bos": sc.get("bos") == "prepend",
-        "dataset_path": sc.get("data"),
-        "workbench": {
-            "processing": sc.get("processing", "raw"),
-            "bos": sc.get("bos"),
-            "skip_bos_in_training": cfg.skip_bos,
-            "store": str(store.root),
-            "store_fingerprint": store.fingerprint,
-            "activation_scaling": scaling,
-            "seed": cfg.seed,
-        },
+    from workbench.sae.compat import identity_metadata  # model id, processing, store: one place
+
+    meta = identity_metadata(store.config, store.root) | {"hook_name": site}
+    meta["workbench"] |= {
+        "skip_special_in_training": cfg.skip_special,
+        "store_fingerprint": store.fingerprint,
+        "activation_scaling": scaling,
+        "seed": cfg.seed,
     }
     if target:
         meta["hook_name_out"] = target
     return meta
-
-
-@torch.no_grad()
-def evaluate(folder: str, store: ActivationStore, sites: list[str], n_rows: int, skip_bos: bool) -> dict:
-    """L0 and FVU of the saved dictionary (reloaded from disk) on the first `n_rows` stored rows."""
-    sae = load_dictionary(folder)
-    rows = sample_rows(store, sites, n_rows, skip_bos)
-    x, y = rows[0], rows[-1]
-    f = sae.encode(x)
-    y_hat = sae.decode(f)
-    resid = (y - y_hat).pow(2).sum()
-    fvu = (resid / (y - y.mean(0)).pow(2).sum()).item()
-    return {
-        "l0": (f != 0).float().sum(-1).mean().item(),
-        "fvu": fvu,
-        "explained_variance": 1 - fvu,
-        "mse": (resid / len(y)).item(),
-        "dead_frac": ((f != 0).sum(0) == 0).float().mean().item(),
-    }
 
 
 def arch_spec(cfg: TrainSAEConfig, d_in: int, d_out: int) -> ArchSpec:
@@ -253,19 +256,36 @@ def arch_spec(cfg: TrainSAEConfig, d_in: int, d_out: int) -> ArchSpec:
     )
 
 
-def loop_config(cfg: TrainSAEConfig, steps: int) -> LoopConfig:
+def loop_config(cfg: TrainSAEConfig, steps: int, window_tokens: int) -> LoopConfig:
     return LoopConfig(
         steps=steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         lr_warm_up_steps=cfg.lr_warm_up_steps,
         lr_decay_steps=cfg.lr_decay_steps,
-        dead_window_steps=max(1, cfg.dead_window_tokens // cfg.batch_size),
+        dead_window_steps=max(1, window_tokens // cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every,
     )
 
 
-@register("train-sae", version=1)
+def select_splits(cfg: TrainSAEConfig, store: ActivationStore, sites: list[str]) -> tuple[Rows, Rows, dict]:
+    """Training and held-out rows under the config's row rule, and the rule as recorded."""
+    rule = RowRule(cfg.skip_special, cfg.outlier_factor, cfg.held_out_every)
+    special = special_token_ids(store) if cfg.skip_special else []
+    train_rows = select_rows(store, sites, rule, "train", special)
+    held = select_rows(store, sites, rule, "held_out", special, norms=train_rows.norms)
+    record = {
+        "rule": rule.describe(),
+        "skip_special": cfg.skip_special,
+        "outlier_factor": cfg.outlier_factor,
+        "held_out_every": cfg.held_out_every,
+        "special_ids": special,
+        "median_norms": train_rows.medians,
+    }
+    return train_rows, held, record
+
+
+@register("train-sae", version=2)
 def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
     """Train a sparse dictionary (SAE / transcoder / MP-SAE / top-AFA) from an activation store."""
     if cfg.arch not in ARCHS:
@@ -275,36 +295,51 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
     sites = [site, target] if target else [site]
     d_in = math.prod(store.shape(site))
     d_out = math.prod(store.shape(target)) if target else 0
-    scaling = [
-        math.sqrt(math.prod(store.shape(s))) / mean_norm(store, s, cfg.skip_bos) if cfg.normalize else 1.0
-        for s in sites
-    ]
+    train_rows, held, rule = select_splits(cfg, store, sites)
+    scaling = input_scaling(store, sites, train_rows) if cfg.normalize else [1.0] * len(sites)
     spec = arch_spec(cfg, d_in, d_out)
-    sae = build(spec, dictionary_metadata(store, cfg, site, target, scaling), seed=cfg.seed)
+    meta = dictionary_metadata(store, cfg, site, target, scaling)
+    row_rule = {k: v for k, v in rule.items() if k != "special_ids"} | {"store_fingerprint": store.fingerprint}
+    meta.setdefault("workbench", {})["row_rule"] = row_rule  # sae-eval finds the held-out split by it
+    sae = build(spec, meta, seed=cfg.seed)
+    init_b_dec(sae, store, sites[-1], train_rows.keep, scaling[-1], cfg.b_dec_init)
 
     def make_stream(start: int) -> StoreStream:
         return StoreStream(
-            store, sites, cfg.batch_size, seed=cfg.seed, skip_bos=cfg.skip_bos, scales=scaling, start=start
+            store, sites, cfg.batch_size, seed=cfg.seed, keep=train_rows.keep, scales=scaling, start=start
         )
 
     steps = cfg.steps or (
         math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens else make_stream(0).batches_per_epoch()
     )
-    loop = loop_config(cfg, steps)
+    window = dead_window_tokens(
+        cfg.dead_window_tokens, cfg.dead_window_frac, steps * cfg.batch_size, cfg.batch_size
+    )
+    warning = passes_warning(steps * cfg.batch_size, train_rows.counts["ordinary_rows"], MANY_PASSES)
+    if warning:
+        log.warning(warning)
+    loop = loop_config(cfg, steps, window)
     identity = {
         "spec": vars(spec),
         "store": store.fingerprint,
         "sites": sites,
         "scaling": scaling,
         "seed": cfg.seed,
+        "rows": rule,
+        "b_dec_init": cfg.b_dec_init,
     }
     outcome = train(
         sae, make_stream, loop, ctx.work_dir, identity, show_bar=ctx.show_bars, callback=ctx.on_progress
     )
-    train_dead = outcome.curves["dead_frac"][-1].item() if len(outcome.curves["dead_frac"]) else 0.0
+    dead = outcome.curves["frac_dead_window"]
     fold_scaling(sae, scaling)
     folder = str(save_dictionary(sae, dictionaries_dir() / ctx.work_dir.name))
-    final = {**evaluate(folder, store, sites, cfg.eval_tokens, cfg.skip_bos), "train_dead_frac": train_dead}
+    final = score(folder, store, sites, held, cfg.eval_tokens) | {
+        "frac_dead_window": dead[-1].item() if len(dead) else 0.0,
+        "ever_dead_window": int(outcome.ever_dead.sum()),
+        "revived": int(outcome.revived.sum()),
+    }
+    final_train = score(folder, store, sites, train_rows, cfg.eval_tokens)
     shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)
     return TrainSAEResult(
         dictionary=folder,
@@ -320,6 +355,10 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
         tokens_per_s=outcome.steps_done * cfg.batch_size / max(outcome.seconds, 1e-9),
         scaling=scaling,
         final=final,
+        final_train=final_train,
+        rows=rule | {"train": train_rows.counts, "held_out": held.counts},
+        dead_window_tokens=window,
+        warning=warning or "",
         curves=outcome.curves,
     )
 

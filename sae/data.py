@@ -3,9 +3,9 @@
 Same scheme as `ActivationStore.batches` (shard order permuted, rows mixed in a bounded buffer of
 whole shards), extended for training:
   * several sites read with one row permutation, concatenated on the last axis (transcoders
-    train on `[ln2.hook_normalized, hook_mlp_out]` rows of the same tokens);
-  * BOS rows (position 0 under the 'prepend' policy) can be dropped: they are attention-sink
-    outliers that dominate norms and MSE;
+    train on `[mlp.hook_in, hook_mlp_out]` rows of the same tokens);
+  * only the rows of a `keep` mask are streamed (`rows.select_rows`: the training split's
+    ordinary tokens, i.e. no BOS/special token and no massive-norm outlier);
   * endless epochs, each with its own seeded permutation;
   * `start` skips to any batch index without reading the skipped shards (only the generator is
     advanced), so a resumed run sees exactly the batches an uninterrupted one would.
@@ -30,7 +30,8 @@ class _Group:
 
 
 class StoreStream:
-    """Iterator of float32 [batch_size, Σ d_site] batches; `position` is the next batch index."""
+    """Iterator of float32 [batch_size, Σ d_site] batches of the rows in `keep` ([n_rows] bool; default:
+    every row but BOS); `position` is the next batch index."""
 
     def __init__(
         self,
@@ -38,14 +39,14 @@ class StoreStream:
         sites: list[str],
         batch_size: int,
         seed: int = 0,
-        skip_bos: bool = True,
+        keep: Tensor | None = None,
         scales: list[float] | None = None,
         buffer_batches: int = 16,
         start: int = 0,
     ):
         self.store, self.sites, self.batch_size, self.seed = store, sites, batch_size, seed
         self.scales = scales or [1.0] * len(sites)
-        self.ctx_len, self.drop_bos = bos_policy(store, skip_bos)
+        self.keep = default_keep(store) if keep is None else keep
         self.buffer_rows = buffer_batches * batch_size
         self.records = store.records(sites[0])
         for site in sites[1:]:
@@ -63,7 +64,7 @@ class StoreStream:
     # --- row bookkeeping ---------------------------------------------------------------
     def keep_mask(self, shard: int) -> Tensor:
         rec = self.records[shard]
-        return keep_mask(rec.row_start, rec.row_end, self.ctx_len, self.drop_bos)
+        return self.keep[rec.row_start : rec.row_end]
 
     def kept_rows(self) -> int:
         return sum(int(self.keep_mask(i).sum()) for i in range(len(self.records)))
@@ -121,24 +122,21 @@ class StoreStream:
         return batch
 
 
-def bos_policy(store: ActivationStore, skip_bos: bool) -> tuple[int, bool]:
-    """(ctx_len, whether position-0 rows are BOS tokens to drop)."""
-    ctx_len = int(store.config.get("ctx_len", 0))
-    return ctx_len, skip_bos and store.config.get("bos", "prepend") == "prepend" and ctx_len > 0
+def default_keep(store: ActivationStore) -> Tensor:
+    """[n_rows] bool: every row but position 0 under the prepend BOS policy (the attention sink)."""
+    pos = store.positions()
+    return (
+        pos != 0
+        if store.config.get("bos", "prepend") == "prepend"
+        else torch.ones_like(pos, dtype=torch.bool)
+    )
 
 
-def keep_mask(row_start: int, row_end: int, ctx_len: int, drop_bos: bool) -> Tensor:
-    """Rows are (seq, pos) ordered, so row % ctx_len == 0 is position 0."""
-    rows = torch.arange(row_start, row_end)
-    return rows % ctx_len != 0 if drop_bos else torch.ones(len(rows), dtype=torch.bool)
-
-
-def mean_norm(store: ActivationStore, site: str, skip_bos: bool = True, max_rows: int = 65536) -> float:
-    """Mean L2 norm of a site's rows (BOS left out as in training), over up to `max_rows` rows."""
-    ctx_len, drop_bos = bos_policy(store, skip_bos)
+def mean_norm(store: ActivationStore, site: str, keep: Tensor, max_rows: int = 65536) -> float:
+    """Mean L2 norm of a site's kept rows, over up to `max_rows` of them."""
     total, n = 0.0, 0
     for j, rec in enumerate(store.records(site)):
-        x = store.shard(site, j)[keep_mask(rec.row_start, rec.row_end, ctx_len, drop_bos)].flatten(1).float()
+        x = store.shard(site, j)[keep[rec.row_start : rec.row_end]].flatten(1).float()
         total += x.norm(dim=-1).double().sum().item()
         n += len(x)
         if n >= max_rows:
@@ -146,16 +144,17 @@ def mean_norm(store: ActivationStore, site: str, skip_bos: bool = True, max_rows
     return total / max(n, 1)
 
 
-def sample_rows(store: ActivationStore, sites: list[str], n_rows: int, skip_bos: bool = True) -> list[Tensor]:
+def sample_rows(store: ActivationStore, sites: list[str], n_rows: int, keep: Tensor) -> list[Tensor]:
     """The first `n_rows` kept rows of each site (float32), for evaluation."""
-    ctx_len, drop_bos = bos_policy(store, skip_bos)
     out: list[list[Tensor]] = [[] for _ in sites]
     n = 0
     for j, rec in enumerate(store.records(sites[0])):
-        keep = keep_mask(rec.row_start, rec.row_end, ctx_len, drop_bos)
+        mask = keep[rec.row_start : rec.row_end]
+        if not mask.any():
+            continue
         for i, site in enumerate(sites):
-            out[i].append(store.shard(site, j)[keep].flatten(1).float())
-        n += int(keep.sum())
+            out[i].append(store.shard(site, j)[mask].flatten(1).float())
+        n += int(mask.sum())
         if n >= n_rows:
             break
-    return [torch.cat(parts)[:n_rows] for parts in out]
+    return [torch.cat(parts)[:n_rows] if parts else torch.zeros(0) for parts in out]

@@ -10,7 +10,10 @@ dead-latent counters, grad clipping at 1) from our own loop, which adds:
   * checkpoints in SAELens' layout (`cfg.json`, `sae_weights.safetensors`, `trainer_state.pt`)
     plus our `state.json` (step, stream position, curves) — written atomically every
     `checkpoint_every` steps and on Ctrl-C, so a killed run resumes with an identical next step;
-  * a tqdm bar with tokens/s and live L0/FVU, and training curves as tensors.
+  * a tqdm bar with tokens/s and live L0/FVU, and training curves as tensors;
+  * AuxK bookkeeping: the aux loss per logged step, and which latents were ever dead by the
+    trainer's window (no firing for `dead_window_steps` steps) and fired again afterwards
+    ("revived"), so a run shows whether AuxK did its job.
 """
 
 from __future__ import annotations
@@ -27,12 +30,13 @@ from sae_lens import SAETrainer, TrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import TrainStepOutput
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.sae.archs import post_step
 from workbench.sae.data import StoreStream
 
-CURVES = ("step", "tokens", "loss", "mse", "l0", "fvu", "dead_frac", "lr")
+CURVES = ("step", "tokens", "loss", "mse", "aux_loss", "l0", "fvu", "frac_dead_window", "revived", "lr")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class TrainOutcome:
     steps_done: int
     seconds: float
     resumed_from: int
+    ever_dead: Tensor
+    """[d_sae] bool: dead by the training window at some step."""
+    revived: Tensor
+    """[d_sae] bool: fired at a step when it was dead by the window (AuxK's purpose)."""
 
 
 def make_trainer(sae: TrainingSAE, loop: LoopConfig) -> SAETrainer:
@@ -84,6 +92,7 @@ def step_metrics(out: TrainStepOutput) -> dict[str, float]:
     return {
         "loss": out.loss.item(),
         "mse": out.losses["mse_loss"].item(),
+        "aux_loss": float(out.losses.get("auxiliary_reconstruction_loss", 0.0)),
         "l0": (out.feature_acts != 0).float().sum(-1).mean().item(),
         "fvu": fvu.item(),
     }
@@ -98,7 +107,9 @@ class Checkpointer:
     def exists(self) -> bool:
         return (self.dir / "state.json").exists()
 
-    def save(self, trainer: SAETrainer, state: dict, curves: dict[str, list[float]]) -> None:
+    def save(
+        self, trainer: SAETrainer, state: dict, curves: dict[str, list[float]], latents: dict[str, Tensor]
+    ) -> None:
         tmp = self.dir.with_name("checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.sae.save_model(tmp)  # training form: cfg.json + sae_weights.safetensors (+ buffers)
@@ -106,6 +117,7 @@ class Checkpointer:
         save_file(
             {k: torch.tensor(v, dtype=torch.float64) for k, v in curves.items()}, tmp / "curves.safetensors"
         )
+        save_file(latents, tmp / "latents.safetensors")
         (tmp / "state.json").write_text(json.dumps(state))
         old = self.dir.with_name("checkpoint.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -114,18 +126,22 @@ class Checkpointer:
         tmp.rename(self.dir)
         shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, trainer: SAETrainer) -> tuple[dict, dict[str, list[float]]]:
+    def load(self, trainer: SAETrainer) -> tuple[dict, dict[str, list[float]], dict[str, Tensor]]:
         trainer.sae.load_weights_from_checkpoint(self.dir)
         trainer.load_trainer_state(self.dir)
         curves = {k: v.tolist() for k, v in load_file(self.dir / "curves.safetensors").items()}
-        return json.loads((self.dir / "state.json").read_text()), curves
+        latents = load_file(self.dir / "latents.safetensors")
+        return json.loads((self.dir / "state.json").read_text()), curves, latents
 
 
-def _record(trainer: SAETrainer, out: TrainStepOutput, step: int, loop: LoopConfig, curves: dict) -> dict:
+def _record(
+    trainer: SAETrainer, out: TrainStepOutput, step: int, loop: LoopConfig, curves: dict, revived: Tensor
+) -> dict:
     """Append one row of training curves; returns it."""
     m = step_metrics(out)
     m.update(step=step, tokens=step * loop.batch_size, lr=trainer.optimizer.param_groups[0]["lr"])
-    m["dead_frac"] = trainer.dead_neurons.float().mean().item()
+    m["frac_dead_window"] = trainer.dead_neurons.float().mean().item()
+    m["revived"] = float(revived.sum())
     for k in CURVES:
         curves[k].append(m[k])
     return m
@@ -133,14 +149,19 @@ def _record(trainer: SAETrainer, out: TrainStepOutput, step: int, loop: LoopConf
 
 def _resume(
     trainer: SAETrainer, ckpt: Checkpointer, identity: dict
-) -> tuple[int, float, dict[str, list[float]]]:
-    """(start step, seconds already spent, curves so far) from the checkpoint, or a fresh start."""
+) -> tuple[int, float, dict[str, list[float]], dict[str, Tensor]]:
+    """(start step, seconds already spent, curves, latent masks) from the checkpoint, or a fresh start."""
     if not ckpt.exists():
-        return 0, 0.0, {k: [] for k in CURVES}
-    state, curves = ckpt.load(trainer)
+        d_sae = trainer.sae.cfg.d_sae
+        fresh = {
+            "ever_dead": torch.zeros(d_sae, dtype=torch.bool),
+            "revived": torch.zeros(d_sae, dtype=torch.bool),
+        }
+        return 0, 0.0, {k: [] for k in CURVES}, fresh
+    state, curves, latents = ckpt.load(trainer)
     if state.get("identity") != identity:
         raise RuntimeError(f"{ckpt.dir} belongs to a different training run; delete it to start over")
-    return state["step"], state["seconds"], curves
+    return state["step"], state["seconds"], curves, latents
 
 
 def train(
@@ -159,7 +180,7 @@ def train(
     config) must match a checkpoint's for it to be resumed.
     """
     trainer, ckpt = make_trainer(sae, loop), Checkpointer(Path(work_dir))
-    start, elapsed, curves = _resume(trainer, ckpt, identity)
+    start, elapsed, curves, latents = _resume(trainer, ckpt, identity)
     stream = make_stream(start)
     desc = f"train {sae.cfg.architecture()}"
     bar = tqdm(total=loop.steps, initial=start, unit="step", desc=desc, disable=not show_bar)
@@ -173,17 +194,20 @@ def train(
             "identity": identity,
             "loop": asdict(loop),
         }
-        ckpt.save(trainer, state, curves)
+        ckpt.save(trainer, state, curves, latents)
 
     try:
         while step < loop.steps:
             consistent = False  # weights may run ahead of `step` until the counters catch up
+            dead = trainer.dead_neurons.clone()  # the mask AuxK trains on in this step
             out = trainer.step(next(stream))
             trainer.n_training_steps += 1
+            latents["ever_dead"] |= dead
+            latents["revived"] |= dead & out.feature_acts.detach().bool().any(0)
             post_step(sae)
             step, consistent = step + 1, True
             if step % loop.log_every == 0 or step == loop.steps:
-                m = _record(trainer, out, step, loop, curves)
+                m = _record(trainer, out, step, loop, curves, latents["revived"])
                 now = time.perf_counter()
                 tok_s = loop.log_every * loop.batch_size / (now - tick)
                 bar.set_postfix(tok_s=f"{tok_s:.0f}", l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}")
@@ -203,4 +227,5 @@ def train(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    return TrainOutcome(sae, {k: torch.tensor(v) for k, v in curves.items()}, step, seconds, start)
+    curves_t = {k: torch.tensor(v) for k, v in curves.items()}
+    return TrainOutcome(sae, curves_t, step, seconds, start, latents["ever_dead"], latents["revived"])
