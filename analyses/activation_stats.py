@@ -2,9 +2,11 @@
 
 For every captured site: mean, std, mean L2 norm per token, max |activation|, fraction of entries
 > 0, excess kurtosis of the entry distribution (massive-activation / outlier-feature indicator,
-cf. Sun et al. 2024), and per-neuron firing rate (fraction of tokens with activation > threshold),
-with dead (never fire) and dense (fire on > 50% of tokens) neuron fractions. Streams shard by
-shard in float64 accumulators, so memory is one shard.
+cf. Sun et al. 2024), the fraction of signed dimensions, and per-dimension firing rate by the
+workbench's firing rule (workbench.firing: a > 0 for non-negative units, |a| > 0.1 max|a| for
+signed ones such as SwiGLU neurons, whose "> 0" rate is ~0.5 and means nothing), with dead (never
+fire) and dense (fire on > 50% of tokens) fractions. Two streaming passes (range, then firing),
+float64 accumulators, memory one shard.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from workbench.analysis import Result, register
 from workbench.capture import CaptureConfig
 from workbench.context import Context
 from workbench.data import default_source
+from workbench.firing import RULE as FIRING_RULE
+from workbench.firing import fire_threshold, fires, is_signed
 from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 from workbench.sites import layer_of
@@ -37,7 +41,7 @@ class StatsConfig:
     ctx_len: int = captured(128)
     """Context length of the capture when no store is given."""
     fire_threshold: float = 0.0
-    """A neuron 'fires' on a token when its activation exceeds this."""
+    """0: the firing rule of workbench.firing (stated in the result); > 0: fires when a > this."""
     skip_bos: bool = True
     """Leave out position 0 (BOS; attention-sink tokens carry massive activations)."""
 
@@ -58,7 +62,9 @@ class StatsResult(Result):
     table: list[dict]
     """One row per site: layer, kind, mean, std, norm, max, frac_pos, kurtosis, dead/dense fractions."""
     firing_rate: dict[str, torch.Tensor]
-    """site -> [d] fraction of tokens on which each dimension exceeds the threshold."""
+    """site -> [d] fraction of tokens on which each dimension fires (firing_rule)."""
+    firing_rule: str = FIRING_RULE
+    """When a dimension fires."""
 
     def summary(self) -> list[dict]:
         return self.table
@@ -90,7 +96,7 @@ class StatsResult(Result):
 
 
 class _Moments:
-    """Streaming float64 moments of all entries and per-dimension firing counts of one site."""
+    """Streaming float64 moments of all entries, per-dimension range, then per-dimension firing counts."""
 
     def __init__(self, d: int):
         self.n = 0
@@ -98,16 +104,29 @@ class _Moments:
         self.norm_sum = 0.0
         self.abs_max = 0.0
         self.positive = 0
+        self.lo, self.hi = torch.full((d,), torch.inf), torch.full((d,), -torch.inf)
         self.fires = torch.zeros(d, dtype=torch.float64)
 
-    def add(self, x: torch.Tensor, threshold: float) -> None:
+    def add(self, x: torch.Tensor) -> None:
         x = x.reshape(len(x), -1).double()
         self.n += len(x)
         self.sums += torch.stack([x.sum(), (x**2).sum(), (x**3).sum(), (x**4).sum()])
         self.norm_sum += x.norm(dim=-1).sum().item()
         self.abs_max = max(self.abs_max, x.abs().max().item()) if x.numel() else self.abs_max
         self.positive += int((x > 0).sum())
-        self.fires += (x > threshold).sum(0)
+        if len(x):
+            self.lo = torch.minimum(self.lo, x.min(0).values.float())
+            self.hi = torch.maximum(self.hi, x.max(0).values.float())
+
+    def threshold(self, fixed: float) -> torch.Tensor:
+        """[d] threshold on |a| (firing rule), or the fixed threshold on a when fixed > 0."""
+        if fixed > 0:
+            return torch.full_like(self.lo, fixed)
+        return fire_threshold(self.lo.clamp(max=0), self.hi.clamp(min=0))
+
+    def count(self, x: torch.Tensor, t: torch.Tensor, fixed: float) -> None:
+        x = x.reshape(len(x), -1).float()
+        self.fires += (x > t if fixed > 0 else fires(x, t)).sum(0)
 
     def row(self) -> dict:
         count = self.n * len(self.fires)
@@ -122,6 +141,7 @@ class _Moments:
             "max": self.abs_max,
             "frac_pos": self.positive / count,
             "kurtosis": m4c / var**2 - 3.0,
+            "signed_frac": float(is_signed(self.lo).double().mean()),
             "dead_frac": float((rate == 0).double().mean()),
             "dense_frac": float((rate > 0.5).double().mean()),
         }
@@ -131,7 +151,7 @@ def site_kind(site: str) -> str:
     return site.split(".", 2)[2] if layer_of(site) is not None else site
 
 
-@register("activation-stats", version=1)
+@register("activation-stats", version=2)
 def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
     """Per-site activation statistics (mean, std, norm, max, fraction > 0, kurtosis, firing rates)."""
     store = ctx.store_or_capture(cfg.store, cfg.capture_config())
@@ -139,12 +159,21 @@ def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
     table, firing = [], {}
     work = [(site, i) for site in store.sites for i in range(store.n_shards(site))]
     moments = {s: _Moments(int(torch.tensor(store.shape(s)).prod())) for s in store.sites}
-    for site, i in ctx.progress(work, desc="activation-stats"):
-        shard = store.shard(site, i)
+    thresholds: dict[str, torch.Tensor] = {}
+    for step, (site, i) in ctx.progress(list(enumerate(work * 2)), desc="activation-stats"):
         rec = store.records(site)[i]
-        moments[site].add(shard[keep[rec.row_start : rec.row_end]], cfg.fire_threshold)
+        x = store.shard(site, i)[keep[rec.row_start : rec.row_end]]
+        if step < len(work):  # pass 1: moments and range
+            moments[site].add(x)
+            continue
+        if site not in thresholds:  # pass 2: firing, against the site's range
+            thresholds[site] = moments[site].threshold(cfg.fire_threshold)
+        moments[site].count(x, thresholds[site], cfg.fire_threshold)
     for site in store.sites:
         row = moments[site].row()
         table.append({"site": site, "layer": layer_of(site), "kind": site_kind(site), **row})
         firing[site] = (moments[site].fires / max(moments[site].n, 1)).float()
-    return StatsResult(store=str(store.root), n_tokens=int(keep.sum()), table=table, firing_rate=firing)
+    rule = FIRING_RULE if cfg.fire_threshold == 0 else f"a dimension fires when a > {cfg.fire_threshold:g}"
+    return StatsResult(
+        store=str(store.root), n_tokens=int(keep.sum()), table=table, firing_rate=firing, firing_rule=rule
+    )

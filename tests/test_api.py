@@ -28,7 +28,13 @@ def test_activation_stats_values(store):
     assert row["frac_pos"] == pytest.approx((x > 0).double().mean().item())
     z = (x - x.mean()) / x.std(unbiased=False)
     assert row["kurtosis"] == pytest.approx((z**4).mean().item() - 3, rel=1e-4)
-    assert torch.allclose(result.firing_rate["blocks.1.mlp.hook_post"], (x > 0).float().mean(0))
+    # firing rule (workbench.firing): SwiGLU neurons are signed, so |a| > 0.1 max|a|, not a > 0
+    assert (x.min(0).values < 0).all() and row["signed_frac"] == 1.0
+    on = x.abs() > 0.1 * x.abs().max(0).values
+    assert torch.allclose(result.firing_rate["blocks.1.mlp.hook_post"], on.float().mean(0))
+    fixed = wb.run("activation-stats", store=str(store.root), fire_threshold=0.01)
+    assert torch.allclose(fixed.firing_rate["blocks.1.mlp.hook_post"], (x > 0.01).float().mean(0))
+    assert "0.1 × max|a|" in result.firing_rule and fixed.firing_rule == "a dimension fires when a > 0.01"
     assert set(result.figures()) >= {"norm by layer", "firing-rate histogram"}
 
 
