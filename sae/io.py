@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 
 
-class DictionaryError(RuntimeError):
+class DictionaryError(ValueError):
     """A dictionary that cannot be found or loaded; the message says what to do."""
 
 
@@ -95,10 +96,16 @@ def _load_folder(folder: Path, device: str, dtype: str | None) -> SAE:
         raise DictionaryError(f"{folder} has a {CFG_FILE} but no {WEIGHTS_FILE}; the save was interrupted")
     from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
-    if arch in SAE_CLASS_REGISTRY:
-        return SAE.load_from_disk(folder, device=device, dtype=dtype)
-    if arch in SAE_TRAINING_CLASS_REGISTRY:  # a training checkpoint (e.g. batchtopk before conversion)
-        return TrainingSAE.load_from_disk(folder, device=device, dtype=dtype)
+    with warnings.catch_warnings():
+        # SAELens advises loading the model with cfg.model_from_pretrained_kwargs; here `sae.compat`
+        # checks the processing against the store or model instead
+        warnings.filterwarnings(
+            "ignore", message=r"\s*This SAE has non-empty model_from_pretrained_kwargs", category=UserWarning
+        )
+        if arch in SAE_CLASS_REGISTRY:
+            return SAE.load_from_disk(folder, device=device, dtype=dtype)
+        if arch in SAE_TRAINING_CLASS_REGISTRY:  # a training checkpoint (e.g. batchtopk before conversion)
+            return TrainingSAE.load_from_disk(folder, device=device, dtype=dtype)
     raise DictionaryError(f"{folder}: unknown architecture '{arch}'; known: {sorted(SAE_CLASS_REGISTRY)}")
 
 

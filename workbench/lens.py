@@ -55,6 +55,16 @@ def load_dictionary(path: str | Path):
         raise LensError(f"cannot load the dictionary at {folder}: {err}") from err
 
 
+def _check_dictionary(dic, model, name: str) -> None:
+    """A dictionary of another model, weight processing or width: one line, before the forward pass."""
+    from workbench.sae.compat import DictionaryMismatchError, check_model
+
+    try:
+        check_model(dic, model, str(name))
+    except DictionaryMismatchError as err:
+        raise LensError(str(err)) from err
+
+
 def _check_layer(model, layer: int) -> None:
     n_layers = model.cfg.n_layers
     if not 0 <= layer < n_layers:
@@ -112,6 +122,8 @@ def prompt_lens(model, text: str, layer: int, dictionary: str = "", k: int = 10)
     site = (dic.cfg.metadata.hook_name or "") if dic is not None else ""
     if dic is not None and not site:
         raise LensError(f"{dictionary}/cfg.json names no hook site (metadata.hook_name)")
+    if dic is not None:
+        _check_dictionary(dic, model, dictionary)
     mlp, resid = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post"
     tokens = model.to_tokens(text)  # [1, pos], BOS prepended as the Bridge does by default
     if tokens.shape[1] > model.cfg.n_ctx:

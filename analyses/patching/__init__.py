@@ -152,6 +152,10 @@ def run(cfg: PatchingConfig, ctx: Context) -> PatchingResult:
     task = tasks.load_task(cfg.task, cfg.n_prompts, cfg.seed)  # file errors before the model loads
     sae = _load_dictionary(cfg.dictionary) if cfg.dictionary else None
     model = ctx.model(cfg.model, cfg.processing)
+    if sae is not None:  # model, processing and width, before any patching pass
+        from workbench.sae.compat import check_model
+
+        check_model(sae, model, cfg.dictionary)
     components = parse_components(cfg.components)
     heads = parse_heads(cfg.heads, model.cfg.n_layers, model.cfg.n_heads)
     tt = tasks.tokenize(task, model, cfg.skip_unusable, limit=cfg.n_prompts)
