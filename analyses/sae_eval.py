@@ -24,6 +24,7 @@ from workbench.analysis import Result, register
 from workbench.context import Context
 from workbench.inputs import input_field
 from workbench.sae import metrics as M
+from workbench.sae.compat import check_store
 from workbench.sites import layer_of
 
 
@@ -43,15 +44,6 @@ def load_dictionary(spec: str):
     if getattr(sae.cfg, "reshape_activations", "none") == "hook_z":
         sae.turn_off_forward_pass_hook_z_reshaping()  # we flatten [n_heads, d_head] ourselves
     return sae
-
-
-def check_processing(sae, store) -> None:
-    """Never mix weight-processing modes silently (DESIGN.md: raw HF numerics vs TL 'compat')."""
-    theirs, ours = getattr(sae.cfg.metadata, "processing", None), store.config.get("processing", "raw")
-    if theirs and theirs != ours:
-        raise ValueError(
-            f"dictionary was trained on '{theirs}' activations but the store holds '{ours}' ones"
-        )
 
 
 def dictionary_sites(sae) -> tuple[str, str]:
@@ -259,7 +251,7 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
     """Row of metrics and per-latent/per-token tensors for one dictionary."""
     hook_in, hook_out = dictionary_sites(sae)
     _check_store(store, hook_in, hook_out, path)
-    check_processing(sae, store)
+    check_store(sae, store, path)  # model, weight processing and widths (sae.compat)
     keep = _rows_kept(store, cfg.n_tokens, cfg.skip_bos)
     out = _stored_metrics(sae, store, hook_in, hook_out, keep, cfg, ctx)
     stats, freq = out["stats"], out["stats"].frequency()
@@ -322,14 +314,18 @@ def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
             "sae-eval needs --dictionary (a SAELens folder) and --store (activations of its site)"
         )
     store = ctx.store(cfg.store)
+    saes = [load_dictionary(path) for path in paths]
+    for sae, path in zip(saes, paths):  # a mismatched dictionary is refused before the model loads
+        _check_store(store, *dictionary_sites(sae), path)
+        check_store(sae, store, path)
     model_key = cfg.model or store.config["model"]
     model = ctx.model(model_key, store.config.get("processing", "raw")) if cfg.n_seqs > 0 else None
     table, tensors = (
         [],
         {k: {} for k in ("frequency", "max_cos", "afa_ratio", "afa_ratio_centered", "x_norm", "l0")},
     )
-    for i, path in enumerate(paths):
-        row, arrays = evaluate(load_dictionary(path), path, store, model, cfg, ctx)
+    for i, (path, sae) in enumerate(zip(paths, saes)):
+        row, arrays = evaluate(sae, path, store, model, cfg, ctx)
         table.append(row)
         for name, value in arrays.items():
             tensors[name][str(i)] = value
