@@ -1,5 +1,9 @@
 """Feature explorer: pick a trained or pretrained dictionary -> searchable latent list (by density,
-by top tokens) -> latent page with the dashboard data (the `dashboards` analysis, cached)."""
+by top tokens) -> latent page with the dashboard data (the `dashboards` analysis, cached), on the
+store the dictionary was trained on when its cfg.json records one and it is here.
+
+URL parameters: `?dictionary=<folder>&latent=<id>&store=<store folder>`; opening a URL with a new
+`latent` jumps to it, and the page keeps `latent` in the URL as you move between latents."""
 
 import streamlit as st
 
@@ -13,13 +17,15 @@ st.title("Feature explorer")
 
 def _goto(j: int) -> None:
     st.session_state["latent"] = j
+    st.query_params["latent"] = str(j)
+    st.session_state["latent_param"] = str(j)  # the URL now says j: not a new request
 
 
 def _picked(ids: list[int]) -> None:
     """A row clicked in the latent list opens that latent."""
     rows = st.session_state["latent_table"].selection.rows
     if rows:
-        st.session_state["latent"] = ids[rows[0]]
+        _goto(ids[rows[0]])
 
 
 with st.sidebar:
@@ -42,6 +48,8 @@ st.caption(f"{info['architecture']} · d_sae {info['d_sae']} · reads {info['sit
 
 stores = ui.stores_with(info["site"] or "")
 stores = [s for s in stores if info["site"] in s["sites"]]
+trained_on = api.dictionary_store(info["path"])  # first, so the picker opens on it
+stores.sort(key=lambda s: s["path"] != trained_on)
 with st.sidebar:
     store_path = ui.store_picker(stores)
 if not store_path:
@@ -49,6 +57,13 @@ if not store_path:
         f"No activation store holds {info['site']}: capture one with `workbench capture --sites {info['site']}`."
     )
     st.stop()
+
+if trained_on and store_path == trained_on:
+    st.caption(f"On the store it was trained on: {store_path}")
+elif trained_on:
+    st.caption(f"Trained on {trained_on}; showing another store: {store_path}")
+else:
+    st.caption(f"Its cfg.json names no store that is here; showing {store_path}")
 
 # A run with the site left empty (the CLI default: the dictionary's own site) is the same data.
 key = ui.cached_key("dashboards", store=store_path, site="", dictionary=info["path"]) or ui.cached_or_run(
@@ -86,9 +101,21 @@ st.dataframe(
 )
 st.caption(f"{len(rows)} of {res.n_latents} latents shown · click a row to open it")
 
-if "latent" not in st.session_state:
+asked = st.query_params.get("latent")
+if "latent" not in st.session_state or (asked is not None and asked != st.session_state.get("latent_param")):
     first = rows[0]["latent"] if rows else 0
     st.session_state["latent"] = params.integer("latent", first, lo=0, hi=int(res.n_latents) - 1)
-latent = int(st.number_input(f"Latent (0..{res.n_latents - 1})", min_value=0, step=1, key="latent"))
+    st.session_state["latent_param"] = asked
+latent = int(
+    st.number_input(
+        f"Latent (0..{res.n_latents - 1})",
+        min_value=0,
+        step=1,
+        key="latent",
+        on_change=lambda: _goto(int(st.session_state["latent"])),
+    )
+)
+own_text = {"model": res.model, "processing": api.open_store(store_path).config.get("processing", "raw"),
+            "dictionary": info["path"]}  # fmt: skip
 with ui.guard("cannot show this latent"):
-    _latent.show(res, latent, "latent", _goto)
+    _latent.show(res, latent, "latent", _goto, own_text)

@@ -1,6 +1,10 @@
 """Neuron explorer: store + layer + neuron -> max-activating contexts with token highlighting,
 activation histogram, output-logit effect, and the most correlated neurons to jump to. Data from
-the cached `dashboards` analysis over the store's MLP activations (computed on request)."""
+the cached `dashboards` analysis over the store's MLP activations (computed on request), and a
+box to test the neuron on your own text.
+
+URL parameters: `?store=<store folder>&layer=<layer>&neuron=<id>`; opening a URL with a new
+`neuron` jumps to it, and the page keeps `neuron` in the URL as you move between neurons."""
 
 import streamlit as st
 
@@ -14,6 +18,8 @@ st.title("Neuron explorer")
 
 def _goto(j: int) -> None:
     st.session_state["neuron"] = j
+    st.query_params["neuron"] = str(j)
+    st.session_state["neuron_param"] = str(j)  # the URL now says j: not a new request
 
 
 stores = ui.stores_with("mlp.hook_post")
@@ -47,12 +53,23 @@ with st.sidebar:
     layer = st.selectbox("Layer", layers, index=layers.index(wanted))
 site = f"blocks.{layer}.mlp.hook_post"
 d_mlp = store.shape(site)[-1]
-if "neuron" not in st.session_state:
+asked = st.query_params.get("neuron")
+if "neuron" not in st.session_state or (asked is not None and asked != st.session_state.get("neuron_param")):
     st.session_state["neuron"] = params.integer("neuron", 0, lo=0, hi=d_mlp - 1)
-neuron = int(st.number_input(f"Neuron (0..{d_mlp - 1})", min_value=0, step=1, key="neuron"))
+    st.session_state["neuron_param"] = asked
+neuron = int(
+    st.number_input(
+        f"Neuron (0..{d_mlp - 1})",
+        min_value=0,
+        step=1,
+        key="neuron",
+        on_change=lambda: _goto(int(st.session_state["neuron"])),
+    )
+)
 st.caption(f"{site} of {store.config['model']} · {store.n_rows:,} tokens")
 
 key = ui.cached_or_run("dashboards", {"store": store_path, "site": site, "dictionary": ""}, f"layer {layer}")
 if key:
     with ui.guard("cannot show this neuron"):
-        _latent.show(ui.result(key), neuron, "neuron", _goto)
+        own_text = {"model": store.config["model"], "processing": store.config.get("processing", "raw")}
+        _latent.show(ui.result(key), neuron, "neuron", _goto, own_text)

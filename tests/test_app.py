@@ -362,7 +362,7 @@ def test_neuron_explorer_shows_dashboard_and_jumps_to_neighbours(home):
     assert [v for _, v in titles(blocks[0])] == pytest.approx(top[0]["acts"], rel=1e-3, abs=1e-6)
     assert len(charts(at)) == 1  # the activation histogram
     j, r = res.latent(3)["correlated"][0]  # "jump to neighbours (most correlated neurons)"
-    assert at.button(key=f"nb-r-neuron-3-{j}").label == f"neuron {j} ({r:+.2f})"
+    assert at.button(key=f"nb-r-neuron-3-{j}").label == f"#{j} · r {r:.2f}"
     at.button(key=f"nb-r-neuron-3-{j}").click().run()
     assert at.number_input(key="neuron").value == j
     assert at.metric[0].value == f"{float(res.density[j]):.3%}"

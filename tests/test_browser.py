@@ -6,6 +6,7 @@ artifacts/screenshots/ (the CI artifacts)."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -139,8 +140,8 @@ def test_neuron_explorer_jumps_to_a_neighbour(home, browser_page):
     settle(page)
     assert page.locator("span.tok").count() > 0
     shot(page, "neuron_explorer")
-    neighbour = page.get_by_role("button", name="neuron ").first
-    target = int(neighbour.inner_text().split()[1])
+    neighbour = page.get_by_role("button", name=re.compile(r"^#\d+ · r ")).first
+    target = int(neighbour.inner_text().split()[0][1:])
     neighbour.click()
     page.wait_for_function(
         f"document.querySelector('input[aria-label^=\"Neuron\"]').value === '{target}'", timeout=WAIT

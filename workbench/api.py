@@ -264,9 +264,17 @@ _LENS = (
 )
 
 
+# One unit on the user's own text, for the feature and neuron pages (workbench/units.py).
+_UNITS = ("unit_activations", "dictionary_store")
+
+
 def __getattr__(name: str) -> Any:
     if name in _LENS:
         from workbench import lens
 
         return getattr(lens, name)
+    if name in _UNITS:
+        from workbench import units
+
+        return getattr(units, name)
     raise AttributeError(f"module 'workbench.api' has no attribute '{name}'")
