@@ -74,19 +74,37 @@ def writer_lock(root: Path) -> Iterator[None]:
     while True:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
-        if not _try_lock(fd):
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        if not _try_lock(fd) and (holder := _holder(fd)):
             log.warning(f"store {root.name} is being written by another capture (pid {holder}); waiting")
             fcntl.flock(fd, fcntl.LOCK_EX)
         if _same_file(fd, root / LOCK):
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _write_pid(fd)
         yield
     finally:
+        os.ftruncate(fd, 0)  # the file names a pid only while that pid holds the lock
         os.close(fd)  # releases the lock
+
+
+def _write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+
+
+def _holder(fd: int) -> str | None:
+    """The pid the lock's holder wrote into the file, waiting until it is there; None if the lock
+    came free meanwhile (it is then ours). A capture writes its pid right after taking the lock,
+    but a loaded machine can pause it in between: reading at once named "pid unknown". Holders
+    that never write one (`rm-store`, a status probe) release the lock instead."""
+    while True:
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        if _try_lock(fd, tries=1):
+            return None
+        time.sleep(0.01)
 
 
 def _try_lock(fd: int, tries: int = 5) -> bool:
