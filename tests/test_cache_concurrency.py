@@ -8,6 +8,7 @@ eight. `collide()` is also what the 50-round stress loop quoted in the cache's h
 """
 
 import multiprocessing as mp
+import multiprocessing.connection as mp_connection
 import traceback
 
 import torch
@@ -24,7 +25,7 @@ def _key(round_: int, worker: int, i: int) -> str:
 def _open_write_list(root, worker, rounds, barrier):
     errors = []
     for r in range(rounds):
-        barrier.wait(600)  # every worker opens round r's fresh cache at the same instant
+        barrier.wait()  # every worker opens round r's fresh cache at the same instant
         try:
             cache = ResultsCache(root / f"round-{r}")
             for i in range(PUTS):  # each put and list opens the index again, as the app and jobs do
@@ -53,11 +54,26 @@ def collide(root, workers: int, rounds: int) -> list[str]:
     procs = [ctx.Process(target=_open_write_list, args=a) for a in args]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(900)
+    _join(procs, barrier)
     found = [f"worker exit codes {[p.exitcode for p in procs]}"] if any(p.exitcode for p in procs) else []
     reports = [root / f"errors-{w}.txt" for w in range(workers)]
-    return found + [r.read_text() for r in reports if not r.exists() or r.read_text()]
+    return found + [
+        r.read_text() if r.exists() else f"{r.name} missing"
+        for r in reports
+        if not r.exists() or r.read_text()
+    ]
+
+
+def _join(procs, barrier) -> None:
+    """Wait for every worker's exit, never against a clock (workers that import torch under load
+    took minutes); a worker that dies breaks the barrier, so the others stop waiting for it."""
+    pending = {p.sentinel: p for p in procs}
+    while pending:
+        for sentinel in mp_connection.wait(list(pending)):
+            p = pending.pop(sentinel)
+            p.join()
+            if p.exitcode:
+                barrier.abort()
 
 
 def test_processes_opening_a_fresh_cache_at_once_all_succeed(tmp_path):

@@ -109,22 +109,27 @@ class ResultsCache:
         tmp = self.root / "tmp" / uuid.uuid4().hex
         tmp.mkdir()
         held = _hold(tmp)  # tells `_clean_tmp` of other processes that this folder is live
+        config_text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        texts = {"config.json": config_text, "result.json": json.dumps(result, indent=2, default=str)}
         try:
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-            (tmp / "result.json").write_text(json.dumps(result, indent=2, default=str))
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in arrays.items()}, tmp / "arrays.safetensors"
             )
             # save_file creates 0o600; give it the umask's mode like the other files (group-readable)
             os.chmod(tmp / "arrays.safetensors", (tmp / "config.json").stat().st_mode & 0o777)
             meta = {**meta, "key": key, "checksums": {f: paths.sha256_file(tmp / f) for f in FILES}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            texts["meta.json"] = json.dumps(meta, indent=2, sort_keys=True, default=str)
+            (tmp / "meta.json").write_text(texts["meta.json"])
             self._publish(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             os.close(held)
         self._index(lambda db: _insert(db, self._row(key, config, meta)))
-        return self.get(key)
+        # What was written, not `get(key)`: a writer of the same key may be swapping the folder now
+        loaded = {name: json.loads(text) for name, text in texts.items()}
+        return Entry(key, final, loaded["config.json"], loaded["meta.json"], loaded["result.json"])
 
     def _publish(self, tmp: Path, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
