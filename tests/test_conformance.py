@@ -154,10 +154,10 @@ def test_cli_exports_dashboards_as_neuronpedia_json(env, tmp_path):
     from workbench.cli import cli
 
     result = api.run("dashboards", **EXAMPLES["dashboards"](env))
-    out = CliRunner().invoke(cli, ["export", result.cache_key[:12], str(tmp_path / "np.json")])
+    out = CliRunner().invoke(cli, ["export", result.cache_key[:12], str(tmp_path / "np")])
     assert out.exit_code == 0, out.output
-    exported = json.loads((tmp_path / "np.json").read_text())
-    assert exported  # Neuronpedia batch: one entry per latent, content checked in test_dashboards.py
+    exported = json.loads((tmp_path / "np" / "batch-0.json").read_text())
+    assert exported["features"]  # a SAEDashboard batch folder; schema and content in test_export.py
     stats = api.run("activation-stats", store=env.store)
     refused = CliRunner().invoke(cli, ["export", stats.cache_key[:12], str(tmp_path / "x.json")])
     assert refused.exit_code == 2 and "has no export format" in refused.output

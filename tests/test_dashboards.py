@@ -1,9 +1,7 @@
 """dashboards: top contexts vs an independent torch.topk over the whole site, quantiles, histograms,
-logits, neighbours, dictionary = neurons for a planted identity dictionary, Neuronpedia export, cache."""
+logits, neighbours, dictionary = neurons for a planted identity dictionary, cache (export: test_export.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -233,27 +231,6 @@ def test_identity_dictionary_reproduces_neuron_dashboards(store, neurons, tmp_pa
     assert (res.min_act == 0).all() and (res.fire_threshold == 0).all() and (res.neg_rows == -1).all()
     assert res.latent(3)["negative"] == [] and not res.latent(3)["signed"]
     assert (res.neighbor_cos[:, 0].abs() < 1e-6).all()  # identity decoder: orthogonal latents
-
-
-def test_neuronpedia_export_round_trip(neurons, tmp_path):
-    from workbench.analyses.dashboards import export_neuronpedia
-
-    path = export_neuronpedia(neurons, tmp_path / "batch-0.json", latents=[0, 5])
-    batch = json.loads(path.read_text())
-    assert batch["layer"] == 0 and batch["sae_set"] == "neurons" and len(batch["features"]) == 2
-    feat = batch["features"][1]
-    for key in ("modelId", "layer", "index", "maxActApprox", "pos_str", "pos_values", "neg_str", "neg_values",
-                "frac_nonzero", "freq_hist_data_bar_heights", "freq_hist_data_bar_values", "activations"):  # fmt: skip
-        assert key in feat, key
-    assert feat["index"] == 5 and feat["frac_nonzero"] == pytest.approx(float(neurons.density[5]))
-    top = feat["activations"][0]
-    assert top["maxValue"] == pytest.approx(float(neurons.max_act[5]), abs=1e-3)
-    assert top["values"][top["maxValueTokenIndex"]] == pytest.approx(top["maxValue"], abs=1e-3)
-    assert (
-        top["tokens"][top["maxValueTokenIndex"]]
-        == neurons.decoded[str(int(neurons.ctx_tokens[5, 0, BEFORE]))]
-    )
-    assert feat["pos_str"] == [t for t, _ in neurons.latent(5)["pos_logits"]]
 
 
 def test_cache_round_trip_table_figures_and_errors(store):

@@ -218,13 +218,15 @@ def show_cmd(key: str, html: str | None, as_json: bool) -> None:
 @cli.command("export")
 @click.argument("key")
 @click.argument("path")
+@click.option("--model-id", default="", help="Neuronpedia model id (default: the result's model key).")
+@click.option("--source-set", default="", help="Neuronpedia source-set name (default: neurons / dictionary).")
 @_guard
-def export_cmd(key: str, path: str) -> None:
-    """Export a cached result in its interchange format (dashboards: Neuronpedia/SAEDashboard JSON)."""
+def export_cmd(key: str, path: str, model_id: str, source_set: str) -> None:
+    """Export a cached result in its interchange format (dashboards: a folder of SAEDashboard batch-N.json files)."""
     result = api.load(_unique_key(key))
     if not hasattr(result, "export"):
         raise ValueError(f"{type(result).__name__} has no export format")
-    click.echo(f"written {result.export(path)}")
+    click.echo(f"written {result.export(path, model_id=model_id, source_set=source_set)}")
 
 
 def _unique_key(prefix: str) -> str:

@@ -180,8 +180,8 @@ class DashboardResult(Result):
             ),
         }
 
-    def export(self, path: str | Path) -> Path:
-        """`workbench export KEY PATH`: Neuronpedia/SAEDashboard-compatible JSON of every latent."""
+    def export(self, path: str | Path, **options) -> Path:
+        """`workbench export KEY PATH`: SAEDashboard `batch-N.json` files of every latent (neuronpedia.py)."""
         from workbench.analyses.dashboards.neuronpedia import export_neuronpedia
 
-        return export_neuronpedia(self, path)
+        return export_neuronpedia(self, path, **options)
