@@ -94,29 +94,49 @@ def _train_one(arch: str, D: torch.Tensor, tmp_path_factory) -> tuple:
     return load_dictionary(folder), res.curves, folder
 
 
+# Per-architecture bounds on 2048 fresh tokens (planted L0 ≈ 2.97): (min best-match cos, L0 range,
+# max FVU), set around the measured values (data/sae_notes.md) so that a regression falls outside:
+# a k* that keeps extra latents, MP stopping a step early, a weaker sparsity penalty... MP's L0 is
+# ≤ k = 3 by construction; top-AFA is dense here (≈ 12: a 64-latent dictionary for 48 planted
+# directions splits features, the density pitfall of methods.md §2.7).
+BOUNDS = {
+    "standard": (0.98, (3.3, 4.4), 0.06),
+    "topk": (0.98, (3.0, 3.0), 0.16),
+    "batchtopk": (0.92, (2.8, 3.3), 0.09),
+    "jumprelu": (0.94, (2.9, 3.6), 0.03),
+    "mp": (0.98, (2.85, 3.0), 0.15),
+    "transcoder": (0.98, (3.3, 4.4), 0.06),
+    "top_afa": (0.98, (10.0, 14.5), 0.06),
+}
+
+
+def measure(sae, D: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float]:
+    """(mean best-match cosine, L0, FVU) of `sae` on rows `x` of planted directions `D`."""
+    with torch.no_grad():
+        f = sae.encode(x)
+        fvu = ((sae.decode(f) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    return best_match_cosine(D, sae.W_dec.detach()), (f != 0).float().sum(-1).mean().item(), fvu
+
+
+def out_of_bounds(arch: str, cos: float, l0: float, fvu: float) -> list[str]:
+    min_cos, (lo, hi), max_fvu = BOUNDS[arch]
+    bad = [f"cos {cos:.3f} < {min_cos}"] if cos < min_cos else []
+    bad += [f"L0 {l0:.2f} outside [{lo}, {hi}]"] if not lo - 1e-6 <= l0 <= hi + 1e-6 else []
+    return bad + ([f"FVU {fvu:.3f} > {max_fvu}"] if fvu > max_fvu else [])
+
+
 def test_every_architecture_recovers_planted_directions(trained):
     D = planted_directions()
-    x, _ = sample(D, 2048, seed=1)
-    rows = []
-    for arch, (sae, _, _) in trained.items():
-        with torch.no_grad():
-            f = sae.encode(x)
-            fvu = ((sae.decode(f) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
-        rows.append(
-            (
-                arch,
-                type(sae).__name__,
-                best_match_cosine(D, sae.W_dec.detach()),
-                (f != 0).float().sum(-1).mean().item(),
-                fvu,
-            )
-        )
+    x, count = sample(D, 2048, seed=1)
     print("\narch        saved as              best-match cos   L0     FVU")
-    for arch, cls, cos, l0, fvu in rows:
-        print(f"{arch:<11} {cls:<21} {cos:>14.3f} {l0:>6.2f} {fvu:>7.3f}")
-    print(f"(planted mean L0 = {N_FEAT * P_ACTIVE:.2f})")
-    bad = [(a, round(c, 3)) for a, _, c, _, _ in rows if c < 0.9]
-    assert not bad, f"architectures below 0.9 mean best-match cosine: {bad}"
+    bad = {}
+    for arch, (sae, _, _) in trained.items():
+        cos, l0, fvu = measure(sae, D, x)
+        print(f"{arch:<11} {type(sae).__name__:<21} {cos:>14.3f} {l0:>6.2f} {fvu:>7.3f}")
+        if problems := out_of_bounds(arch, cos, l0, fvu):
+            bad[arch] = problems
+    print(f"(planted mean L0 = {count.float().mean():.2f})")
+    assert not bad, f"architectures outside their bounds: {bad}"
 
 
 def test_top_afa_k_tracks_planted_active_count(tmp_path):
@@ -142,7 +162,8 @@ def test_top_afa_k_tracks_planted_active_count(tmp_path):
     corr = torch.corrcoef(torch.stack([k_star.float(), count.float()]))[0, 1].item()
     means = {int(c): round(k_star[count == c].float().mean().item(), 2) for c in count.unique()}
     print(f"\ntop-AFA: corr(k*, planted count) = {corr:.3f}; mean k* by planted count: {means}")
-    assert corr > 0.8
+    # the level, not only the trend: a k* off by one keeps corr = 1 but moves every mean by 1
+    assert corr > 0.95 and all(abs(m - c) < 0.25 for c, m in means.items()), (corr, means)
 
 
 def test_afa_select_matches_closed_form():
