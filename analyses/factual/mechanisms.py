@@ -79,6 +79,7 @@ def head_outputs(model, z: torch.Tensor, layer: int) -> torch.Tensor:
     return torch.einsum("phe,hed->phd", z, model.blocks[layer].attn.W_O)
 
 
+@torch.no_grad()
 def dla(model, cache: dict, target: int) -> dict[str, torch.Tensor]:
     """heads [layer, head] at the last position; mlp, attn [layer, pos]; embed [pos]; rest (norm bias + b_U)."""
     n_layers = model.cfg.n_layers
