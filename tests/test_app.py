@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import re
 import time
 import typing
@@ -300,14 +301,17 @@ def test_prompt_lens_values_match_the_model(home, tiny_model):
     probs = tiny_model(tiny_model.to_tokens(TEXT))[0, -1].softmax(-1)
     table = at.table[-1].value
     assert table["prob"].tolist() == pytest.approx(probs.topk(10).values.tolist(), abs=1e-5)
-    top = at.table[0].value  # top neurons at the chosen token (the last one until a click)
-    assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, -1].topk(10).indices.tolist()
+    top = at.dataframe[0].value  # at the chosen token (the last one until a click)
+    post = cache["blocks.1.mlp.hook_post"][0]
+    assert top["neuron"].tolist() == post[-1].abs().topk(10).indices.tolist()  # by |a|, sign kept
+    assert top["activation"].tolist() == pytest.approx(post[-1, top["neuron"].tolist()].tolist(), abs=1e-5)
+    assert top["page"].tolist()[0] == f"neuron_explorer?layer=1&neuron={top['neuron'].tolist()[0]}"
     tokens = [tiny_model.tokenizer.decode([t]) for t in tiny_model.to_tokens(TEXT)[0]]
     pills = at.button_group(key="pos")
     assert pills.options == tokens and pills.value == len(tokens) - 1
     pills.set_value(2).run()  # click the third token
-    top = at.table[0].value
-    assert top["neuron"].tolist() == cache["blocks.1.mlp.hook_post"][0, 2].topk(10).indices.tolist()
+    top = at.dataframe[0].value
+    assert top["neuron"].tolist() == post[2].abs().topk(10).indices.tolist()
     assert at.table[-1].value["prob"].tolist() == pytest.approx(
         tiny_model(tiny_model.to_tokens(TEXT))[0, 2].softmax(-1).topk(10).values.tolist(), abs=1e-5
     )
@@ -324,10 +328,42 @@ def test_prompt_lens_colours_by_sae_latent_and_residual_norm(home, tiny_model):
     assert [v for _, v in titles(at.html[0].value)] == pytest.approx(
         latents[:, 7].tolist(), rel=1e-3, abs=1e-5
     )
-    assert at.table[1].value["latent"].tolist()[0] == int(latents[-1].argmax())
+    top = at.dataframe[1].value
+    assert top["latent"].tolist()[0] == int(latents[-1].argmax())
+    assert top["page"].tolist()[0].startswith("feature_explorer?dictionary=%2F")
+    assert top["page"].tolist()[0].endswith(f"&latent={int(latents[-1].argmax())}")
     at.radio(key="mode").set_value("residual norm").run()
     norms = [v for _, v in titles(at.html[0].value)]
     assert norms == pytest.approx(resid.norm(dim=-1).tolist(), rel=1e-3)
+
+
+def test_prompt_lens_opens_live_units_scales_without_bos_and_shows_attention_and_logit_lens(home, tiny_model):
+    at = app("prompt_lens", model=home["model_dir"], layer="1", text=TEXT, dictionary=home["dictionary"])
+    tokens = tiny_model.to_tokens(TEXT)
+    _, cache = tiny_model.run_with_cache(tokens)
+    post = cache["blocks.1.mlp.hook_post"][0]
+    assert at.number_input(key="neuron").value == int(post[1:].abs().amax(0).argmax())  # not neuron 0
+    at.radio(key="mode").set_value("SAE latent").run()
+    with torch.no_grad():
+        latents = home["sae"].encode(cache["blocks.1.hook_resid_post"][0])
+    assert at.number_input(key="latent").value == int(latents[1:].amax(0).argmax())  # a live latent
+    at.radio(key="mode").set_value("residual norm").run()
+    block = at.html[0].value
+    norms = cache["blocks.1.hook_resid_post"][0].norm(dim=-1)
+    # the colour scale is the largest non-BOS norm: that token is fully opaque, BOS saturated
+    top = int(norms[1:].argmax()) + 1
+    styles = re.findall(r"background:rgba\(255,110,0,([\d.]+)\)", block)
+    assert float(styles[top]) == 1.0 and float(styles[0]) == 1.0
+    assert f"{float(norms[1:].max()):.4g}</span>" in block and "left out of the scale" in block
+    # the attention heatmap is the layer's pattern of head 0; the logit lens's last layer is the prediction
+    (fig,) = charts(at)
+    z = json.loads(fig.proto.spec)["data"][0]["z"]
+    expected = cache["blocks.1.attn.hook_pattern"][0, 0]
+    assert [v for row in z for v in row] == pytest.approx(expected.flatten().tolist(), abs=1e-4)
+    lens_rows = at.dataframe[-1].value
+    assert lens_rows["layer"].tolist() == [0, 1]
+    first = tiny_model.tokenizer.decode([int(tiny_model(tokens)[0, -1].argmax())])
+    assert lens_rows["#1"].tolist()[-1].startswith(repr(first))
 
 
 @pytest.mark.parametrize(

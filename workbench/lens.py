@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from workbench import firing
+
 
 class LensError(ValueError):
     """Bad lens input (empty text, layer out of range, unreadable dictionary); one readable message."""
@@ -72,12 +74,13 @@ def _check_layer(model, layer: int) -> None:
 
 
 def _forward(model, tokens: torch.Tensor, sites: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits [pos, vocab] and each site's activations [pos, d] from one forward pass."""
+    """Logits [pos, vocab] and each site's activations (batch dimension dropped: [pos, ...], or
+    [n_heads, q, k] for the attention pattern) from one forward pass."""
     acts: dict[str, torch.Tensor] = {}
 
     def keeper(name: str):
         def hook(x, hook):
-            acts[name] = x.detach()[0].float().reshape(x.shape[1], -1)
+            acts[name] = x.detach()[0].float()
             return x
 
         return hook
@@ -94,6 +97,12 @@ def _top(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
     return [(int(i), round(float(v), 5)) for i, v in zip(idx, vals)]
 
 
+def _top_signed(row: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """Units ranked by |a| with the sign kept (workbench.firing's rule for one prompt): SwiGLU
+    neurons take both signs, and a strongly negative one matters as much as a positive one."""
+    return [(i, round(a, 5)) for i, a in firing.top_units(row, k)]
+
+
 def _predictions(model, logits: Float[torch.Tensor, "pos vocab"], k: int) -> list[list[dict[str, Any]]]:
     probs = logits.softmax(-1)
     top_p, top_i = probs.topk(k, dim=-1)  # [pos, k]
@@ -107,13 +116,52 @@ def _predictions(model, logits: Float[torch.Tensor, "pos vocab"], k: int) -> lis
     ]
 
 
-def prompt_lens(model, text: str, layer: int, dictionary: str = "", k: int = 10) -> dict[str, Any]:
+LOGIT_LENS = "W_U · final_norm(resid_post of the layer) + b_U: the model's own final norm and unembedding"
+
+
+def _logit_lens(model, resid: list[Float[torch.Tensor, "pos d_model"]], k: int) -> list[list[list[dict]]]:
+    """[layer][pos][k] top next tokens read from each layer's residual stream through the final
+    norm, then the unembedding (nostalgebraist 2020, "interpreting GPT: the logit lens"). At the
+    last layer this is the model's own prediction."""
+    with torch.no_grad():
+        return [_predictions(model, model.unembed(model.ln_final(r[None]))[0].float(), k) for r in resid]
+
+
+def _live(acts: Float[torch.Tensor, "pos n"], first: int) -> int:
+    """The unit with the largest |activation| on the prompt from position `first` on (BOS left out):
+    the one worth opening first, instead of unit 0 (which may never fire)."""
+    rows = acts[first:] if acts.shape[0] > first else acts
+    return int(rows.abs().amax(0).argmax())
+
+
+def _encode(dic, x: torch.Tensor) -> Float[torch.Tensor, "pos d_sae"]:
+    """Latents of [pos, d_in] or [pos, n_heads, d_head] (hook_z) activations. SAELens' hook_z
+    dictionaries flatten heads themselves only when their reshaping mode is on; we flatten here."""
+    if getattr(dic, "hook_z_reshaping_mode", False):
+        dic.turn_off_forward_pass_hook_z_reshaping()
+    x = x.flatten(1)
+    if x.shape[-1] != dic.cfg.d_in:
+        raise LensError(
+            f"dictionary input width {dic.cfg.d_in} does not match {dic.cfg.metadata.hook_name} "
+            f"width {x.shape[-1]}: it was trained on another model"
+        )
+    with torch.no_grad():
+        return dic.encode(x).float()
+
+
+def prompt_lens(
+    model, text: str, layer: int, dictionary: str = "", k: int = 10, logit_k: int = 5
+) -> LensView:
     """Everything the prompt lens shows for `text` at `layer`, from one forward pass.
 
-    Returns plain data: `tokens` [pos] strings, `token_ids`, `neurons` [pos][d_mlp] (MLP
-    `hook_post`), `resid_norm` [pos] (L2 norm of `hook_resid_post`), `latents` [pos][d_sae] and
-    `latent_site` when a dictionary is given, `top_neurons` / `top_latents` [pos][k] (index,
-    activation) and `predictions` [pos][k] (token, prob, logit) for the next token.
+    Returns plain data: `tokens` [pos] strings, `token_ids`, `bos` (position 0 is BOS: left out of
+    colour scales and live-unit picks), `neurons` [pos][d_mlp] (MLP `hook_post`), `resid_norm`
+    [pos] (L2 norm of `hook_resid_post`), `attention` [n_heads][q][k] (the layer's pattern),
+    `logit_lens` [layer][pos][logit_k] (token, prob, logit; see LOGIT_LENS), `top_neurons`
+    [pos][k] (index, activation) ranked by |activation| with the sign kept, `first_neuron` (the
+    largest |activation| after BOS), and with a dictionary `latents` [pos][d_sae], `latent_site`
+    (canonical name), `top_latents` [pos][k] and `first_latent`; `predictions` [pos][k] for the
+    next token. In Jupyter the result shows the tokens coloured by residual norm.
     """
     if not text or not text.strip():
         raise LensError("type some text first")
@@ -124,40 +172,69 @@ def prompt_lens(model, text: str, layer: int, dictionary: str = "", k: int = 10)
         raise LensError(f"{dictionary}/cfg.json names no hook site (metadata.hook_name)")
     if dic is not None:
         _check_dictionary(dic, model, dictionary)
-    mlp, resid = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post"
+        site = _canonical_site(model, site, dictionary)
+    mlp, pattern = f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.attn.hook_pattern"
+    resid = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     tokens = model.to_tokens(text)  # [1, pos], BOS prepended as the Bridge does by default
     if tokens.shape[1] > model.cfg.n_ctx:
         raise LensError(f"text is {tokens.shape[1]} tokens; this model takes at most {model.cfg.n_ctx}")
     try:
-        logits, acts = _forward(model, tokens, [mlp, resid] + ([site] if site else []))
+        logits, acts = _forward(model, tokens, [mlp, pattern, *resid] + ([site] if site else []))
     except (KeyError, ValueError) as err:
         raise LensError(f"cannot hook this model: {err}") from err
-    out: dict[str, Any] = {
-        "tokens": [model.tokenizer.decode([int(t)]) for t in tokens[0]],
-        "token_ids": tokens[0].tolist(),
-        "layer": layer,
-        "neurons": acts[mlp].tolist(),
-        "resid_norm": acts[resid].norm(dim=-1).tolist(),
-        "top_neurons": [_top(row, k) for row in acts[mlp]],
-        "predictions": _predictions(model, logits, k),
-        "latents": None,
-        "top_latents": None,
-        "latent_site": None,
-    }
+    bos = model.tokenizer.bos_token_id is not None and int(tokens[0, 0]) == model.tokenizer.bos_token_id
+    neurons = acts[mlp].flatten(1)
+    out = LensView(
+        tokens=[model.tokenizer.decode([int(t)]) for t in tokens[0]],
+        token_ids=tokens[0].tolist(),
+        bos=bos,
+        layer=layer,
+        neurons=neurons.tolist(),
+        resid_norm=acts[resid[layer]].norm(dim=-1).tolist(),
+        attention=acts[pattern].round(decimals=5).tolist(),
+        logit_lens=_logit_lens(model, [acts[r] for r in resid], logit_k),
+        top_neurons=[_top_signed(row, k) for row in neurons],
+        first_neuron=_live(neurons, int(bos)),
+        predictions=_predictions(model, logits, k),
+        latents=None,
+        top_latents=None,
+        latent_site=None,
+        first_latent=None,
+    )
     if dic is not None:
-        if acts[site].shape[-1] != dic.cfg.d_in:
-            raise LensError(
-                f"dictionary input width {dic.cfg.d_in} does not match {site} "
-                f"width {acts[site].shape[-1]}: it was trained on another model"
-            )
-        with torch.no_grad():
-            latents = dic.encode(acts[site]).float()  # [pos, d_sae]
+        latents = _encode(dic, acts[site])
         out |= {
             "latents": latents.tolist(),
             "top_latents": [_top(row, k) for row in latents],
             "latent_site": site,
+            "first_latent": _live(latents, int(bos)),
         }
     return out
+
+
+def _canonical_site(model, site: str, dictionary: str) -> str:
+    from workbench import sites
+
+    try:
+        return sites.canonical(model, site)
+    except sites.UnknownSiteError as err:
+        raise LensError(f"dictionary {dictionary} reads {site}, which is no hook of this model") from err
+
+
+class LensView(dict):
+    """The prompt lens's plain data (a dict, so the app can cache it); in Jupyter it renders the
+    tokens coloured by residual norm, BOS left out of the scale (`show` for other values)."""
+
+    def show(self, values: list[float] | None = None, title: str = ""):
+        """The tokens coloured by `values` [pos] (default: the residual norm) as a Jupyter-displayable view."""
+        from workbench.highlight import show_tokens
+
+        if values is None:
+            values, title = self["resid_norm"], title or f"residual-stream norm after layer {self['layer']}"
+        return show_tokens(self["tokens"], values, title, [0] if self["bos"] else [])
+
+    def _repr_html_(self) -> str:
+        return self.show().html()
 
 
 def dictionary_info(path: str | Path) -> dict[str, Any]:
