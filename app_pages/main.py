@@ -20,6 +20,7 @@ PAGES = [
     st.Page(HERE / "prompt_lens.py", title="Prompt lens", icon=":material/text_fields:"),
     st.Page(HERE / "neuron_explorer.py", title="Neuron explorer", icon=":material/neurology:"),
     st.Page(HERE / "feature_explorer.py", title="Feature explorer", icon=":material/extension:"),
+    st.Page(HERE / "dictionaries.py", title="Compare dictionaries", icon=":material/scatter_plot:"),
     st.Page(HERE / "analyses.py", title="Analyses", icon=":material/analytics:"),
     st.Page(HERE / "patching.py", title="Patching", icon=":material/compare_arrows:"),
 ]

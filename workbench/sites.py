@@ -89,7 +89,9 @@ _TOP_REWRITES = {
 _BLOCK = re.compile(r"^(blocks\.\d+\.)(.+)$")
 
 
-def _rewrite(name: str) -> str:
+def model_free_canonical(name: str) -> str:
+    """The canonical name of a Bridge alias without the model (`blocks.5.hook_out` ->
+    `blocks.5.hook_resid_post`); names it cannot place (`mlp.in.hook_out`) are returned as given."""
     m = _BLOCK.match(name)
     if m:
         return m.group(1) + _REWRITES.get(m.group(2), m.group(2))
@@ -101,7 +103,7 @@ def held_name(name: str, held: Iterable[str], recorded: Mapping[str, str] | None
     or not, without the model: `recorded` (alias -> canonical, written at capture) first, then the
     Bridge's fixed alias names. None when it holds no such tensor."""
     held = set(held)
-    for candidate in (name, (recorded or {}).get(name), _rewrite(name)):
+    for candidate in (name, (recorded or {}).get(name), model_free_canonical(name)):
         if candidate in held:
             return candidate
     return None
