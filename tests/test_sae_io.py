@@ -184,3 +184,20 @@ def test_prompt_lens_refuses_a_compat_dictionary_on_a_raw_model(stores, tmp_path
         f"dictionary {path} was trained on 'compat' activations (weight processing), but model "
         f"'{tiny_model.workbench.key}' (raw) holds 'raw' ones; load the model with processing compat"
     )
+
+
+def test_train_sae_writes_the_identity_and_its_sae_is_refused_on_a_compat_store(stores, tmp_path, tiny_model):
+    """The real training path: cfg.json records model/processing/store (relative), and sae-eval
+    refuses the raw-trained dictionary on the compat store of the same model."""
+    POOL.put(tiny_model)
+    raw, compat = stores["raw"], stores["compat"]
+    trained = api.run(
+        "train-sae", store=str(raw.root), site=SITE, arch="topk", d_sae=32, k=4, steps=3, batch_size=32
+    )
+    cfg = json.loads((Path(trained.dictionary) / "cfg.json").read_text())
+    meta = cfg["metadata"]
+    assert meta["model_name"] == "llama" and meta["model_from_pretrained_kwargs"] == PROCESSING_KWARGS["raw"]
+    assert meta["workbench"]["processing"] == "raw" and meta["workbench"]["store"] == raw.root.name
+    assert str(raw.root) not in json.dumps(cfg)
+    with pytest.raises(DictionaryMismatchError, match=r"trained on 'raw' activations .* holds 'compat' ones"):
+        api.run("sae-eval", store=str(compat.root), dictionary=trained.dictionary)
