@@ -60,6 +60,8 @@ EXAMPLES = {
         "dictionary": env.dictionary(),  # a trained SAE: feature attribution rides along
         "feature_top_k": 5,
     },
+    # train one dictionary first (its path is truthy), then compare the dictionaries on its site
+    "compare-dictionaries": lambda env: {"site": env.dictionary() and SITE},
 }
 
 
