@@ -155,7 +155,7 @@ def _held(site: str, store) -> str | None:
     from workbench import sites
 
     if hasattr(sites, "held_name"):
-        return sites.held_name(site, store.sites, store.config.get("aliases"))
+        return sites.held_name(site, store.sites, store.run.get("aliases"))  # run.json, not its config
     return site if site in store.sites else None
 
 
