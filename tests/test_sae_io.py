@@ -150,6 +150,12 @@ def test_width_and_model_mismatches_are_refused_before_compute(stores, tmp_path,
         f"dictionary {narrow} reads {SITE} with width 32, but store {raw.root} has width 64 there; "
         "it was trained on another model or site"
     )
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+
+    out = CliRunner().invoke(cli, ["sae-eval", "--store", str(raw.root), "--dictionary", narrow])
+    assert out.exit_code == 2 and out.output.strip() == f"error: {err.value}"  # one line, no traceback
     smol = _dictionary(tmp_path / "m", raw, model="smollm2-135m")
     with pytest.raises(DictionaryMismatchError) as err:
         api.run("dashboards", store=str(raw.root), dictionary=smol)
