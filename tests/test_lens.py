@@ -78,7 +78,7 @@ def test_attention_logit_lens_and_signed_top_neurons_match_the_model(tiny_model)
 
 
 def test_jupyter_html_has_each_token_and_value_and_leaves_bos_out_of_the_scale(tiny_model):
-    from workbench.highlight import show_tokens
+    import workbench as wb
     from workbench.lens import prompt_lens
 
     view = prompt_lens(tiny_model, TEXT, 1)
@@ -90,8 +90,8 @@ def test_jupyter_html_has_each_token_and_value_and_leaves_bos_out_of_the_scale(t
     scale = max(view["resid_norm"][1:])
     assert f"<span>{scale:.4g}</span>" in page  # the legend's top is the largest non-BOS value
     assert f"position 0 ({view['resid_norm'][0]:.4g})" in page
-    signed = show_tokens(["a", "b"], [-2.0, 1.0])._repr_html_()
+    signed = wb.show_tokens(["a", "b"], [-2.0, 1.0])._repr_html_()  # any values, inline in Jupyter
     assert "rgba(40,110,255,1.00)" in signed and "rgba(255,110,0,0.50)" in signed  # blue −, orange +
     assert "<span>-2</span>" in signed  # a signed legend runs from −scale
     with pytest.raises(ValueError, match="2 tokens but 1 values"):
-        show_tokens(["a", "b"], [1.0])
+        wb.show_tokens(["a", "b"], [1.0])

@@ -13,6 +13,7 @@ from workbench.api import (
     load_model,
     open_store,
     run,
+    show_tokens,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "load_model",
     "open_store",
     "run",
+    "show_tokens",
 ]
 __version__ = "0.1.0"
 

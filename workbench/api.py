@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench import analysis, inputs, manage, models, paths
 from workbench.capture_config import CaptureConfig
+from workbench.highlight import show_tokens  # noqa: F401 - tokens coloured by values, inline in Jupyter
 
 # torch, TransformerLens and the store are imported where used: `workbench --help`, `list`,
 # `models` must not pay for them.
