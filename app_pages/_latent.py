@@ -158,6 +158,12 @@ def _own_text(res, i: int, unit: str, where: dict) -> None:
                 (res.site, i),
                 api.unit_activations(model, text, res.site, i, dictionary=where.get("dictionary", "")),
             )
+    st.page_link(
+        "prompt_lens.py",
+        label=f"Open this {unit} in the prompt lens",
+        icon=":material/open_in_new:",
+        query_params=_lens_params(res, i, unit, where, text),
+    )
     shown = st.session_state.get(f"own-out-{unit}")
     if shown and shown[0] == (res.site, i):
         out = shown[1]
@@ -172,6 +178,15 @@ def _own_text(res, i: int, unit: str, where: dict) -> None:
             f"{unit} {i} of {out['site']}: strongest {out['acts'][top]:+.4g} on {out['tokens'][top]!r}; "
             "colours on the dashboard's scale (orange > 0, blue < 0); hover a token for its value."
         )
+
+
+def _lens_params(res, i: int, unit: str, where: dict, text: str) -> dict[str, str]:
+    """The prompt lens's URL parameters for this unit (and the typed text, if any)."""
+    layer = res.site.split(".")[1] if res.site.startswith("blocks.") else "0"
+    out = {"model": res.model, "layer": layer, "mode": unit, unit: str(i)}
+    if where.get("dictionary"):
+        out["dictionary"] = where["dictionary"]
+    return out | ({"text": text} if text.strip() else {})
 
 
 def _neighbour_row(pairs, label: str, stat: str, i: int, unit: str, on_neighbour, help: str) -> None:

@@ -8,6 +8,7 @@ import html
 import json
 import re
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def home(tmp_path_factory, tiny_model, tiny_model_dir, wikitext):
         else:
             os.environ["WORKBENCH_HOME"] = old
     return {"root": root, "trained": str(trained.root), "newer": str(newer.root), "neurons": neurons.cache_key,
-            "sae": sae, "dictionary": str(folder)}  # fmt: skip
+            "sae": sae, "dictionary": str(folder), "model": str(tiny_model_dir)}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -126,6 +127,10 @@ def test_own_text_box_matches_the_model(home, tiny_model):
     expected = cache[MLP][0, :, 5]
     shown = values(at.html[-1].value)
     assert shown == pytest.approx(expected.tolist(), rel=1e-3, abs=1e-6)
+    link = at.get("page_link")[0].proto  # and back to the prompt lens on the same unit and text
+    assert link.page.endswith("prompt_lens") or link.page.endswith("prompt_lens.py"), link.page
+    assert parse_qs(link.query_string) == {"model": [home["model"]], "layer": ["0"], "mode": ["neuron"],
+                                           "neuron": ["5"], "text": [TEXT]}  # fmt: skip
 
 
 def test_feature_page_opens_the_training_store_and_tests_text(home, tiny_model):
