@@ -88,7 +88,7 @@ def test_pre_gamma_input_is_refused_in_raw_mode(store):
         f"mode; train the transcoder on '{MLP_IN}'"
     )
     with pytest.raises(ValueError) as err:
-        api.run("train-sae", store=str(store.root), arch="transcoder", site=PRE_GAMMA, steps=1)
+        api.run("train-sae", store=str(store.root), arch="transcoder", site=PRE_GAMMA, batch_size=64, steps=1)
     assert str(err.value) == msg
     check_input_site(PRE_GAMMA, "compat")  # folded norms: γ lives in the MLP's weights, no refusal
     check_input_site(MLP_IN, "raw")
