@@ -45,6 +45,7 @@ from workbench.sae.io import dictionaries_dir, save_dictionary
 from workbench.sae.recipe import dead_window_tokens, init_b_dec, input_scaling, passes_warning, score
 from workbench.sae.rows import RowRule, Rows, select_rows, special_token_ids
 from workbench.sae.train import LoopConfig, train
+from workbench.sae.transcoder import check_input_site
 from workbench.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,8 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
         raise ValueError(f"unknown arch '{cfg.arch}'; choose one of {', '.join(ARCHS)}")
     store = open_store(cfg, ctx)
     site, target = resolve_sites(cfg, store.sites)
+    if target:  # before any pass over the store: the pre-γ site is refused on raw stores
+        check_input_site(site, store.config.get("processing", "raw"))
     sites = [site, target] if target else [site]
     d_in = math.prod(store.shape(site))
     d_out = math.prod(store.shape(target)) if target else 0
