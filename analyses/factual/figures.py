@@ -14,7 +14,9 @@ COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
 def all_figures(result) -> dict[str, Any]:
-    figs = {"Traces: fact 1": fact_traces(result, 0), "AIE by token type": aie_curves(result)}
+    figs = {}
+    if result.traces.numel():
+        figs = {"Traces: fact 1": fact_traces(result, 0), "AIE by token type": aie_curves(result)}
     if "heads" in result.mech:
         figs["Head DLA and mover heads"] = heads(result)
         figs["Final-layer suppression"] = suppression(result)

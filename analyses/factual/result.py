@@ -73,9 +73,13 @@ class FactualResult(Result):
     ):
         n_pos = max(len(p.tokens) for p in chosen)
         p_corr = torch.tensor(p_corrupted)
-        ie = [m - pc for m, pc in zip(maps, p_corr.tolist())]
-        per_type = torch.stack([aggregate.by_type(e, p.start, p.end) for e, p in zip(ie, chosen)])
-        mean, ci = aggregate.aie(per_type)
+        mean = ci = traces = torch.zeros(0)  # tracing off
+        if maps:
+            ie = [m - pc for m, pc in zip(maps, p_corr.tolist())]
+            mean, ci = aggregate.aie(
+                torch.stack([aggregate.by_type(e, p.start, p.end) for e, p in zip(ie, chosen)])
+            )
+            traces = _pad(maps, n_pos)
         arrays = {}
         if mech:
             arrays = {k: v for k, v in mech.items() if isinstance(v, torch.Tensor)}
@@ -98,7 +102,7 @@ class FactualResult(Result):
             window=window,
             n_layers=model.cfg.n_layers,
             n_heads=model.cfg.n_heads,
-            traces=_pad(maps, n_pos),
+            traces=traces,
             p_clean=torch.tensor(p_clean),
             p_corrupted=p_corr,
             aie=mean,
@@ -114,10 +118,12 @@ class FactualResult(Result):
 
     def ate(self) -> float:
         """Average total effect P_clean - P_corrupted over the traced facts."""
-        return float((self.p_clean - self.p_corrupted).mean())
+        return float((self.p_clean - self.p_corrupted).mean()) if self.p_corrupted.numel() else float("nan")
 
     def peak(self, kind: str, token_type: str) -> dict[str, float]:
         """Layer, AIE and 95 % CI of the largest AIE of one kind at one token type."""
+        if not self.aie.numel():
+            return {"layer": -1, "aie": float("nan"), "ci": float("nan")}
         curve = self.aie[TRACE_NAMES.index(kind), TOKEN_TYPES.index(token_type)]
         if curve.isnan().all():
             return {"layer": -1, "aie": float("nan"), "ci": float("nan")}
@@ -167,6 +173,8 @@ class FactualResult(Result):
         ]  # fmt: skip
 
     def summary(self) -> list[dict[str, Any]]:
+        if not self.traces.numel():
+            return self.top_dla_heads()
         rows = []
         for kind in TRACE_NAMES[: len(self.traces[0])]:
             row = {"state": kind}

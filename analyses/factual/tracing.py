@@ -181,18 +181,22 @@ def subject_std(model, prepared) -> float:
     return float(torch.cat(rows).float().std())
 
 
-def all_states(n_layers: int, n_pos: int, start: int, severed: bool) -> list[State]:
+def all_states(
+    n_layers: int, n_pos: int, start: int, severed: bool, positions: list[int] | None = None
+) -> list[State]:
     """Every (kind, layer, pos) state at or after the subject's first token (earlier positions are
-    identical in the clean and corrupted runs: restoring them is a no-op), then the severed ones."""
-    out = [State(k, layer, t) for k in KINDS for layer in range(n_layers) for t in range(start, n_pos)]
+    identical in the clean and corrupted runs: restoring them is a no-op), then the severed ones.
+    `positions` limits the positions traced (None: all)."""
+    where = [t for t in range(start, n_pos) if positions is None or t in positions]
+    out = [State(k, layer, t) for k in KINDS for layer in range(n_layers) for t in where]
     if severed:
-        out += [
-            State("hidden", layer, t, s)
-            for s in SEVER
-            for layer in range(n_layers)
-            for t in range(start, n_pos)
-        ]
+        out += [State("hidden", layer, t, s) for s in SEVER for layer in range(n_layers) for t in where]
     return out
+
+
+def type_representatives(start: int, end: int, n_pos: int) -> list[int]:
+    """First and last subject token, first subsequent token and last token (positions="types")."""
+    return sorted({start, end - 1, min(end, n_pos - 1), n_pos - 1})
 
 
 def trace(tracer: Tracer, states: list[State], max_states: int, step: Callable | None = None) -> torch.Tensor:
@@ -212,9 +216,10 @@ def reference_probs(tracer: Tracer, states: Iterable[State]) -> torch.Tensor:
 
 def to_maps(tracer: Tracer, states: list[State], probs: torch.Tensor, severed: bool) -> torch.Tensor:
     """[kind (hidden, mlp, attn[, hidden|mlp severed, hidden|attn severed]), layer, pos] of P(target);
-    positions before the subject hold P_corrupted (restoring them changes nothing)."""
+    positions before the subject hold P_corrupted (restoring them changes nothing), untraced ones NaN."""
     n_kinds = len(KINDS) + (len(SEVER) if severed else 0)
-    maps = torch.full((n_kinds, tracer.model.cfg.n_layers, len(tracer.tokens)), tracer.p_corrupted)
+    maps = torch.full((n_kinds, tracer.model.cfg.n_layers, len(tracer.tokens)), float("nan"))
+    maps[:, :, : tracer.start] = tracer.p_corrupted
     for s, p in zip(states, probs.tolist()):
         k = KINDS.index(s.kind) if not s.sever else len(KINDS) + SEVER.index(s.sever)
         maps[k, s.layer, s.pos] = p
