@@ -148,3 +148,27 @@ def test_firing_rule_units():
     a = torch.tensor([[1e-3, -0.31, -0.17, -0.4], [0.0, 0.29, 0.41, -0.6]])
     assert fires(a, t).tolist() == [[True, True, False, False], [False, False, True, True]]
     assert top_units(torch.tensor([0.5, -2.0, 1.0, 0.1]), 2) == [(1, -2.0), (2, 1.0)]
+
+
+def test_unique_topk_matches_a_brute_force_reference():
+    """Streamed in uneven batches, with copies of windows inside and across batches."""
+    from workbench.analyses.dashboards.topk import UniqueTopK
+
+    gen = torch.Generator().manual_seed(0)
+    rows, n, k = 300, 7, 6
+    v = torch.randn(rows, n, generator=gen)
+    v[v < -1] = -torch.inf  # some rows are not candidates
+    hashes = torch.randint(0, 40, (rows,), generator=gen)  # ~7 copies of each window
+    top = UniqueTopK(n, k)
+    for lo, hi in ((0, 5), (5, 100), (100, 101), (101, 300)):
+        top.add(v[lo:hi], torch.arange(lo, hi), hashes[lo:hi])
+    vals, got_rows = top.result()
+    for j in range(n):
+        best: dict[int, tuple[float, int]] = {}
+        for r in range(rows):
+            if v[r, j] > -torch.inf and (int(hashes[r]) not in best or v[r, j] > best[int(hashes[r])][0]):
+                best[int(hashes[r])] = (float(v[r, j]), r)
+        ref = sorted(best.values(), reverse=True)[:k]
+        assert vals[j].tolist() == pytest.approx([x for x, _ in ref])
+        assert got_rows[j].tolist() == [r for _, r in ref]
+        assert len(set(hashes[got_rows[j]].tolist())) == k
