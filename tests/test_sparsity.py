@@ -4,6 +4,7 @@ search hitting its target, top-k exactness at k = d_mlp, the cache round trip an
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -125,22 +126,59 @@ def sharp_setup(sharp_model):
     for layer in range(sharp_model.cfg.n_layers):
         curves.add_layer(layer, cache[f"blocks.{layer}.mlp.hook_post"][:, 1:].flatten(0, 1), W_out[layer])
     w_norms = {layer: W_out[layer].norm(dim=-1) for layer in range(sharp_model.cfg.n_layers)}
-    return held, curves, w_norms
+    calib = {layer: cache[f"blocks.{layer}.mlp.hook_post"][:, 1:].flatten(0, 1) for layer in w_norms}
+    return held, curves, w_norms, calib
+
+
+def _thresholded_run(model, tokens, thresholds, w_norms):
+    """Loss and per-layer kept fraction with a_i zeroed where |a_i|*||w_i|| <= t_l from position 1
+    on, written apart from `cett_hooks` and `HeldEval` (one forward pass, its own counting)."""
+    kept = {layer: [0, 0] for layer in thresholds}
+
+    def zero_tail(act, hook):
+        layer = int(hook.name.split(".")[1])
+        a = act[:, 1:]
+        keep = a.abs() * w_norms[layer] > thresholds[layer]
+        kept[layer][0] += int((keep & (a != 0)).sum())
+        kept[layer][1] += keep.numel()
+        return torch.cat([act[:, :1], a * keep], dim=1)
+
+    hooks = [(f"blocks.{layer}.mlp.hook_post", zero_tail) for layer in thresholds]
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=hooks, return_type="logits").float()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    return loss.item(), kept
+
+
+def _direct_cett(acts, W_out, t):
+    n = acts.abs() * W_out.norm(dim=-1)
+    return (((acts * (n <= t)) @ W_out).norm(dim=-1) / (acts @ W_out).norm(dim=-1)).mean().item()
 
 
 @pytest.mark.parametrize("p", [1.0, 5.0])
-def test_pplp_search_hits_target(sharp_setup, p):
-    held, curves, w_norms = sharp_setup
+def test_pplp_search_hits_target(sharp_setup, sharp_model, p):
+    held, curves, w_norms, calib = sharp_setup
     tol = 0.002 * (1 + p)
     out = pplp_search(curves, held, w_norms, p, tol, max_iters=30, first_pos=1, progress=_progress)
     assert out["converged"], out["trace"]
     assert abs(out["ppl_ratio"] - (1 + p / 100)) <= tol
-    assert 0 < out["ratio"] < 1 and 0 < out["cett"] < 1
-    assert len(out["layer_ratio"]) == len(out["thresholds"]) == 2
+    assert 0 < out["cett"] < 1 and len(out["layer_ratio"]) == len(out["thresholds"]) == 2
+    # each layer's threshold is the largest with CETT <= c on the calibration tokens (direct matmul)
+    W_out = sharp_model.W_out.detach().float()
+    for layer, t in enumerate(out["thresholds"]):
+        assert _direct_cett(calib[layer], W_out[layer], t) <= out["cett"] + 1e-6
+        assert _direct_cett(calib[layer], W_out[layer], t * 1.001 + 1e-6) > out["cett"] - 1e-6
+    # the reported loss, PPL ratio and activation ratios are those of an independent thresholded run
+    thresholds = dict(enumerate(out["thresholds"]))
+    loss, kept = _thresholded_run(sharp_model, held.tokens, thresholds, w_norms)
+    assert out["loss"] == pytest.approx(loss, rel=1e-5)
+    assert out["ppl_ratio"] == pytest.approx(math.exp(loss - held.dense.loss), rel=1e-5)
+    assert out["layer_ratio"] == pytest.approx([kept[layer][0] / kept[layer][1] for layer in thresholds])
+    assert out["ratio"] == pytest.approx(sum(k for k, _ in kept.values()) / sum(n for _, n in kept.values()))
 
 
 def test_topk_full_width_is_exact_and_smaller_k_hurts(sharp_setup, sharp_model):
-    held, _, w_norms = sharp_setup
+    held, _, w_norms, _ = sharp_setup
     d_mlp = sharp_model.cfg.d_mlp
     ks = [1, 4, 16, 64, d_mlp]
     rows = topk_sweep(held, [0, 1], ks, w_norms, first_pos=1, score="abs", progress=_progress)
