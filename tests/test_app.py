@@ -366,6 +366,19 @@ def test_prompt_lens_opens_live_units_scales_without_bos_and_shows_attention_and
     assert lens_rows["#1"].tolist()[-1].startswith(repr(first))
 
 
+def test_prompt_lens_opens_the_unit_a_link_names(home):
+    """The explorers link back with ?mode=&neuron= / ?latent=: the page opens on that unit."""
+    query = {"model": home["model_dir"], "layer": "1", "text": TEXT, "dictionary": home["dictionary"]}
+    at = app("prompt_lens", **query, mode="latent", latent="5")
+    assert at.radio(key="mode").value == "SAE latent" and at.number_input(key="latent").value == 5
+    at = app("prompt_lens", model=home["model_dir"], layer="1", text=TEXT, mode="neuron", neuron="7")
+    assert at.radio(key="mode").value == "MLP neuron" and at.number_input(key="neuron").value == 7
+    at = app("prompt_lens", model=home["model_dir"], text=TEXT, mode="neurons")
+    assert [e.value for e in at.error] == [
+        "URL parameter mode='neurons' is not one of neuron, latent, norm; showing neuron."
+    ]
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
