@@ -71,6 +71,7 @@ def test_stored_mlp_input_through_gate_proj_is_hook_pre(model, store):
     with torch.no_grad():
         right = (gate(store.read(MLP_IN)) - pre).abs().max().item()
         wrong = (gate(store.read(PRE_GAMMA)) - pre).abs().max().item()
+    print(f"\nmax |gate_proj(site) - hook_pre|: mlp.hook_in {right:.2e}, ln2.hook_normalized {wrong:.3f}")
     assert right < 1e-5, right
     assert wrong > 0.1, wrong
 
@@ -118,6 +119,10 @@ def test_sae_eval_splices_the_mlp_input(model, store, tmp_path):
     wrong = _planted_gate_transcoder(model, PRE_GAMMA, tmp_path / "wrong")
     res = api.run("sae-eval", dictionary=f"{right},{wrong}", store=str(store.root), n_tokens=512, n_seqs=4)
     r, w = res.table
+    print(
+        f"\nplanted gate transcoder: FVU {r['fvu']:.2e} / KL {r['kl_div_with_sae']:.2e} (mlp.hook_in), "
+        f"{w['fvu']:.3f} / {w['kl_div_with_sae']:.2e} (pre-γ)"
+    )
     assert r["fvu"] < 1e-9 and w["fvu"] > 0.05, (r["fvu"], w["fvu"])
     assert r["ce_loss_with_sae"] == pytest.approx(r["ce_loss_without_sae"], abs=1e-5)
     assert r["kl_div_with_sae"] < 1e-8 and w["kl_div_with_sae"] > 1e-4
