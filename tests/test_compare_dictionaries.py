@@ -102,3 +102,17 @@ def test_planted_dictionaries_compared_end_to_end_and_on_the_page(tiny_store, wo
     assert sorted(table["name"].tolist()) == sorted(r["name"] for r in again.rows)
     assert table["frontier"].tolist().count("★") == sum(r["pareto"] for r in again.rows)
     assert len(at.get("plotly_chart")) == 3
+
+
+def test_a_trained_dictionary_is_named_from_its_training_run(tiny_store):
+    from workbench import api
+
+    store = tiny_store(("blocks.1.mlp.hook_post",), 256)
+    opts = {"d_sae": 64, "k": 4, "steps": 10, "batch_size": 64, "eval_tokens": 128}
+    trained = api.run("train-sae", store=str(store.root), site="blocks.1.mlp.hook_post", **opts)
+    (row,) = api.run("compare-dictionaries").rows
+    assert (
+        row["name"] == f"TopK SAE · 64 latents · k=4 · {si(trained.tokens)} tokens · blocks.1.mlp.hook_post"
+    )
+    assert row["source"] == "train-sae (held_out rows)" and row["ce_loss_score"] is None
+    assert (row["l0"], row["fvu"]) == (trained.final["l0"], trained.final["fvu"]) and row["pareto"]
