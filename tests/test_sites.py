@@ -183,3 +183,14 @@ def test_a_dictionary_named_by_an_alias_runs_on_the_canonical_store(tiny_store, 
         1.0, abs=1e-4
     )
     assert alias["n_tokens"] == canon["n_tokens"] > 0
+
+
+def test_dashboards_take_an_alias_site_and_record_the_canonical_one(tiny_store):
+    from workbench import api
+
+    store = tiny_store(("blocks.0.hook_resid_post",), 64)
+    opts = {"store": str(store.root), "n_top": 2, "latents": 4, "token_batch": 50}
+    alias = api.run("dashboards", site="blocks.0.hook_out", **opts)
+    canon = api.run("dashboards", site="blocks.0.hook_resid_post", **opts)
+    assert alias.site == canon.site == "blocks.0.hook_resid_post"
+    assert alias.max_act.tolist() == canon.max_act.tolist()

@@ -84,9 +84,9 @@ def _resolve(cfg: DashboardConfig, store):
     site = cfg.site or (dictionary_sites(sae)[0] if sae is not None else "")
     if not site:
         raise ValueError("dashboards needs --site (neuron dashboards) or --dictionary")
-    if sae is not None and cfg.site and cfg.site != dictionary_sites(sae)[0]:
+    site = store.site(site)  # the stored (canonical) name, aliases accepted; readable error when absent
+    if sae is not None and cfg.site and site != store.site(dictionary_sites(sae)[0]):
         raise ValueError(f"dictionary reads {dictionary_sites(sae)[0]}, not --site {cfg.site}")
-    store.records(site)  # readable error when the store lacks the site
     if sae is not None:
         check_store(sae, store, cfg.dictionary)  # model, processing and width, before any pass
     return sae, site
