@@ -104,7 +104,8 @@ def pass_top(batches, acts_of, n: int, n_top: int, hashes: torch.Tensor) -> dict
         co.add(a)
         h = hashes[r]
         pos.add(torch.where(a > 0, a, -torch.inf), r, h)
-        neg.add(torch.where(a < 0, -a, -torch.inf), r, h)
+        if (a < 0).any():  # never for dictionary latents
+            neg.add(torch.where(a < 0, -a, -torch.inf), r, h)
     top_acts, top_rows = pos.result()
     neg_acts, neg_rows = neg.result()
     seen = count > 0

@@ -44,16 +44,32 @@ class UniqueTopK:
     @torch.no_grad()
     def add(self, v: torch.Tensor, rows: torch.Tensor, hashes: torch.Tensor) -> None:
         """v: [B, n] candidate values (−inf = not a candidate); rows, hashes: [B]."""
-        uniq, inv = hashes.unique(return_inverse=True)  # [U], [B]
-        n = v.shape[1]
-        index = inv[:, None].expand(-1, n)
-        best = torch.full((len(uniq), n), -torch.inf).scatter_reduce(0, index, v, "amax")
-        at_best = (v == best[inv]) & (v > -torch.inf)
-        best_row = torch.full((len(uniq), n), -1).scatter_reduce(
-            0, index, torch.where(at_best, rows[:, None], -1), "amax"
+        if not (v > -torch.inf).any():
+            return
+        _, inv, counts = hashes.unique(return_inverse=True, return_counts=True)
+        single = counts[inv] == 1  # most rows: their window occurs once in this batch
+        if single.all():
+            cv, ci = v.T.topk(min(self.k, len(v)), dim=1)  # [n, k']
+            self._merge(cv, rows[ci], hashes[ci])
+            return
+        # copies of a window within the batch: each window's best row per latent, then the singles
+        n, vd, rd = v.shape[1], v[~single], rows[~single]
+        groups, gi = hashes[~single].unique(return_inverse=True)
+        index = gi[:, None].expand(-1, n)
+        best = torch.full((len(groups), n), -torch.inf).scatter_reduce(0, index, vd, "amax")
+        at_best = (vd == best[gi]) & (vd > -torch.inf)
+        best_row = torch.full((len(groups), n), -1).scatter_reduce(
+            0, index, torch.where(at_best, rd[:, None], -1), "amax"
         )
-        cv, gi = best.T.topk(min(self.k, len(uniq)), dim=1)  # [n, k'] distinct windows
-        self._merge(cv, best_row.T.gather(1, gi), uniq[gi])
+        s_rows, s_hash = rows[single], hashes[single]
+        S = len(s_rows)
+        cv, ci = torch.cat([v[single], best]).T.topk(min(self.k, S + len(groups)), dim=1)  # [n, k']
+        from_group = best_row.T.gather(1, (ci - S).clamp(min=0))
+        cr = torch.where(ci < S, s_rows[ci.clamp(max=max(S - 1, 0))] if S else -1, from_group)
+        ch = torch.where(
+            ci < S, s_hash[ci.clamp(max=max(S - 1, 0))] if S else -1, groups[(ci - S).clamp(min=0)]
+        )
+        self._merge(cv, cr, ch)
 
     def _merge(self, cv: torch.Tensor, cr: torch.Tensor, ch: torch.Tensor) -> None:
         vals = torch.cat([self.vals, cv], 1)  # [n, M]
