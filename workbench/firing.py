@@ -11,6 +11,12 @@ The rule, per unit, over the scanned tokens:
 - a non-negative unit fires when a > 0 (threshold 0);
 - a signed unit fires when |a| > FIRE_FRACTION · max|a| (its own scale, either sign): positive
   firings a > t and negative firings a < −t count separately and together.
+The 10 % matches Bills et al. 2023 ("Language models can explain neurons"), who scale each
+neuron's activations to 0–10 by its maximum and treat what rounds to 0 as not firing. It is
+relative to the maximum over the scanned tokens, so more tokens (a larger maximum) give a somewhat
+lower density. Measured on SmolLM2 layer-15 `mlp.hook_post` (2032 WikiText tokens): every neuron
+is signed, 49.8 % of entries are > 0, 49.9 % of neurons have their largest |a| negative; under
+this rule the median density is 0.29 (p10 0.10, p90 0.62), half of it below zero.
 GELU neurons are signed by this rule (GELU dips to −0.17), but their negative side never reaches
 10 % of a typical positive maximum, so they fire on the positive side only, as expected.
 
