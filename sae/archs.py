@@ -111,7 +111,9 @@ def training_config(spec: ArchSpec, metadata: dict | None = None) -> TrainingSAE
 
 def _processing(metadata: dict) -> str:
     """The weight-processing mode a dictionary's metadata records ('' when it records none)."""
-    return metadata.get("processing") or (metadata.get("workbench") or {}).get("processing") or ""
+    from workbench.sae.compat import processing_in  # one reader of the recorded processing
+
+    return processing_in(metadata) or ""
 
 
 def build(spec: ArchSpec, metadata: dict | None = None, seed: int = 0) -> TrainingSAE:

@@ -87,14 +87,19 @@ def _meta(sae) -> Any:
     return sae.cfg.metadata
 
 
-def processing_of(sae) -> str | None:
-    """The weight processing a dictionary was trained on: our record, else SAELens' `fold_ln` flag; None = unknown."""
-    meta = _meta(sae)
-    record = meta.get("workbench") or {}
+def processing_in(metadata) -> str | None:
+    """The weight processing a dictionary's metadata (dict or SAEMetadata) records: our record,
+    else SAELens' `fold_ln` flag; None = unknown. The one reader of this fact."""
+    record = metadata.get("workbench") or {}
     if record.get("processing"):
         return record["processing"]
-    flags = meta.get("model_from_pretrained_kwargs") or {}
+    flags = metadata.get("model_from_pretrained_kwargs") or {}
     return ("compat" if flags["fold_ln"] else "raw") if "fold_ln" in flags else None
+
+
+def processing_of(sae) -> str | None:
+    """The weight processing a dictionary was trained on (`processing_in` of its metadata)."""
+    return processing_in(_meta(sae))
 
 
 def _official(name: str) -> str:

@@ -79,8 +79,9 @@ def _check(model, sae, method: str, direction: str) -> None:
         raise FeatureAttributionError(f"unknown feature-attribution method '{method}'; choose from atp, relp")
     if direction not in ("denoise", "noise"):
         raise FeatureAttributionError(f"direction must be denoise or noise, got '{direction}'")
-    extra = getattr(sae.cfg.metadata, "workbench", None) or {}
-    theirs = extra.get("processing") if isinstance(extra, dict) else None
+    from workbench.sae.compat import processing_of  # one reader of the recorded processing
+
+    theirs = processing_of(sae)
     ours = getattr(getattr(model, "workbench", None), "processing", None)
     if theirs and ours and theirs != ours:
         raise FeatureAttributionError(
