@@ -2,6 +2,8 @@
 
 Importing this package registers our architectures in SAELens' registry, so every dictionary
 saves and loads as SAELens `cfg.json` + `sae_weights.safetensors` (`SAE.load_from_disk`).
+`import workbench` alone is enough: it imports this package as soon as SAELens is imported
+(workbench/__init__.py), so plain SAELens code and notebooks load top-AFA folders too.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from sae_lens import SAE, TrainingSAE
 
 from workbench import paths
 from workbench import sae as _registers  # noqa: F401  (registers top_afa and the transcoder training class)
+from workbench.sae.compat import processing_in
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -46,7 +47,8 @@ def list_dictionaries() -> list[dict[str, Any]]:
                 "architecture": meta.get("training_architecture", cfg.get("architecture")),
                 "d_in": cfg.get("d_in"),
                 "d_sae": cfg.get("d_sae"),
-                "model": meta.get("model_name"),
+                "model": (meta.get("workbench") or {}).get("model") or meta.get("model_name"),
+                "processing": processing_in(meta),
                 "hook_name": meta.get("hook_name"),
                 "hook_name_out": meta.get("hook_name_out"),
             }
