@@ -204,3 +204,15 @@ def test_refusals_and_cli_options(neurons, store, tmp_path):
         again.exit_code == 2
         and again.output.strip() == f"error: {out} is not empty; export into a new or empty folder"
     )
+
+
+def test_head_distribution_is_each_heads_share_of_the_decoder_norm():
+    """SAEDashboard's get_decoder_weights_distribution on a planted hook_z row: heads of norm 3, 4, 0, 5."""
+    import torch
+
+    from workbench.analyses.dashboards.neuronpedia import _head_dist
+
+    row = torch.zeros(1, 4, 2)
+    row[0, 0, 0], row[0, 1, 1], row[0, 3] = 3.0, 4.0, torch.tensor([3.0, 4.0])
+    got = _head_dist(row.reshape(1, 8), n_heads=4, latents=[0])[0]
+    assert got == pytest.approx([3 / 12, 4 / 12, 0.0, 5 / 12], abs=1e-5)
