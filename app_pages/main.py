@@ -23,6 +23,7 @@ PAGES = [
     st.Page(HERE / "dictionaries.py", title="Compare dictionaries", icon=":material/scatter_plot:"),
     st.Page(HERE / "analyses.py", title="Analyses", icon=":material/analytics:"),
     st.Page(HERE / "patching.py", title="Patching", icon=":material/compare_arrows:"),
+    st.Page(HERE / "factual.py", title="Factual recall", icon=":material/lightbulb:"),
 ]
 
 st.navigation(PAGES).run()

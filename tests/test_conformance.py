@@ -60,6 +60,15 @@ EXAMPLES = {
         "dictionary": env.dictionary(),  # a trained SAE: feature attribution rides along
         "feature_top_k": 5,
     },
+    # a random tiny model knows no fact: trace two templated facts anyway
+    "factual": lambda env: {
+        "model": env.model,
+        "facts": "relations",
+        "n_facts": 2,
+        "known_only": False,
+        "samples": 2,
+        "max_batch_tokens": 512,
+    },
     # train one dictionary first (its path is truthy), then compare the dictionaries on its site
     "compare-dictionaries": lambda env: {"site": env.dictionary() and SITE},
 }

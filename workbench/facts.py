@@ -267,3 +267,14 @@ def split_known(model, prepared: list[Prepared]) -> tuple[list[Prepared], list[P
     known = [p for p, t in zip(prepared, top) if t == p.target]
     unknown = [p for p, t in zip(prepared, top) if t != p.target]
     return known, unknown
+
+
+def typed_file(subject: str, prompt: str, attribute: str) -> str:
+    """A one-fact .jsonl file in the workbench home for a fact typed in the app (named by its content,
+    so the same fact is the same cached run); returns its path."""
+    line = json.dumps({"subject": subject, "prompt": prompt, "attribute": attribute}) + "\n"
+    path = paths.home() / "facts" / f"typed-{paths.sha256_json(line)[:16]}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paths.atomic_write_bytes(path, line.encode())
+    return str(path)

@@ -8,7 +8,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.analyses.factual.aggregate import TOKEN_TYPES
-from workbench.analyses.factual.result import TRACE_NAMES
+from workbench.analyses.factual.result import NOT_TRACED, TRACE_NAMES
 
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
@@ -34,9 +34,10 @@ def fact_traces(result, i: int) -> go.Figure:
     ]
     for k, kind in enumerate(kinds, 1):
         z = result.traces[i, k - 1, :, :n].T  # [pos, layer]: tokens down the side as in ROME
+        z = [[None if v == NOT_TRACED else v for v in r] for r in z.tolist()]
         fig.add_trace(
             go.Heatmap(
-                z=z.tolist(), x=list(range(result.n_layers)), y=labels, zmin=0, zmax=1, colorscale="Purples",
+                z=z, x=list(range(result.n_layers)), y=labels, zmin=0, zmax=1, colorscale="Purples",
                 showscale=k == len(kinds), hovertemplate="%{y}<br>layer %{x}<br>P %{z:.4f}<extra>" + kind + "</extra>",
             ),
             row=1, col=k,
@@ -59,8 +60,8 @@ def aie_curves(result) -> go.Figure:
     layers = list(range(result.n_layers))
     for k in range(1, len(kinds) + 1):
         for t, name in enumerate(TOKEN_TYPES):
-            mean, ci = result.aie[k - 1, t], result.aie_ci[k - 1, t].nan_to_num()
-            if mean.isnan().all():
+            mean, ci = result.aie[k - 1, t], result.aie_ci[k - 1, t]
+            if not result.aie_n[k - 1, t].any():
                 continue
             fig.add_trace(
                 go.Scatter(

@@ -13,14 +13,16 @@ from workbench.analyses.factual.tracing import KINDS, SEVER
 from workbench.analysis import Result
 
 TRACE_NAMES = list(KINDS) + [f"hidden, {s} severed" for s in SEVER]
+NOT_TRACED = -1.0  # a P(attribute) cell that was not computed (P itself is in [0, 1])
 EARLY, LATE = 0.6, 0.4  # the early site peaks in the first 60 % of layers, the late site in the last 60 %
 
 
-def _pad(maps: list[torch.Tensor], n_pos: int) -> torch.Tensor:
-    """Stack [..., pos_i] maps into [fact, ..., n_pos], NaN past each fact's last token."""
-    out = torch.full((len(maps), *maps[0].shape[:-1], n_pos), float("nan"))
+def _pad(maps: list[torch.Tensor], n_pos: int, fill: float) -> torch.Tensor:
+    """Stack [..., pos_i] maps into [fact, ..., n_pos]: `fill` past each fact's last token and for NaN
+    (untraced) cells. Stored tensors hold no NaN: a cached result compares equal to its loaded copy."""
+    out = torch.full((len(maps), *maps[0].shape[:-1], n_pos), fill)
     for i, m in enumerate(maps):
-        out[i, ..., : m.shape[-1]] = m.float().cpu()
+        out[i, ..., : m.shape[-1]] = m.float().cpu().nan_to_num(fill)
     return out
 
 
@@ -41,13 +43,16 @@ class FactualResult(Result):
     n_layers: int
     n_heads: int
     traces: torch.Tensor
-    """[fact, kind, layer, pos] P(attribute) with one state restored; kinds TRACE_NAMES; NaN past a prompt's end."""
+    """[fact, kind, layer, pos] P(attribute) with one state restored; kinds TRACE_NAMES; NOT_TRACED (-1)
+    past a prompt's end and at positions not traced."""
     p_clean: torch.Tensor
     p_corrupted: torch.Tensor
     aie: torch.Tensor
     """[kind, token type, layer] mean indirect effect over facts (TOKEN_TYPES)."""
     aie_ci: torch.Tensor
-    """[kind, token type, layer] 95 % CI half-width."""
+    """[kind, token type, layer] 95 % CI half-width (0 with fewer than 2 facts)."""
+    aie_n: torch.Tensor
+    """[kind, token type, layer] facts averaged (0: no fact has that token type; its AIE reads 0)."""
     mech: dict[str, torch.Tensor] = field(default_factory=dict)
     """heads/path/subject_attn [fact, layer, head]; mlp_last/attn_last [fact, layer]; mlp_pos/attn_pos
     [fact, layer, pos]; embed_last/rest [fact]; suppression [fact, 2] (P clean, P with suppressors removed)."""
@@ -73,19 +78,19 @@ class FactualResult(Result):
     ):
         n_pos = max(len(p.tokens) for p in chosen)
         p_corr = torch.tensor(p_corrupted)
-        mean = ci = traces = torch.zeros(0)  # tracing off
+        mean = ci = traces = count = torch.zeros(0)  # tracing off
         if maps:
             ie = [m - pc for m, pc in zip(maps, p_corr.tolist())]
-            mean, ci = aggregate.aie(
-                torch.stack([aggregate.by_type(e, p.start, p.end) for e, p in zip(ie, chosen)])
-            )
-            traces = _pad(maps, n_pos)
+            per_type = torch.stack([aggregate.by_type(e, p.start, p.end) for e, p in zip(ie, chosen)])
+            mean, ci = (v.nan_to_num(0.0) for v in aggregate.aie(per_type))
+            count = (~per_type.isnan()).sum(0)
+            traces = _pad(maps, n_pos, NOT_TRACED)
         arrays = {}
         if mech:
             arrays = {k: v for k, v in mech.items() if isinstance(v, torch.Tensor)}
             arrays["mlp_pos"], arrays["attn_pos"] = (
-                _pad(mech["mlp_pos"], n_pos),
-                _pad(mech["attn_pos"], n_pos),
+                _pad(mech["mlp_pos"], n_pos, 0.0),
+                _pad(mech["attn_pos"], n_pos, 0.0),
             )
         return cls(
             model=cfg.model,
@@ -107,6 +112,7 @@ class FactualResult(Result):
             p_corrupted=p_corr,
             aie=mean,
             aie_ci=ci,
+            aie_n=count,
             mech=arrays,
             regression=mech.get("regression", {}) if mech else {},
             suppressors=mech.get("suppressors", {}) if mech else {},
@@ -124,12 +130,12 @@ class FactualResult(Result):
         """Layer, AIE and 95 % CI of the largest AIE of one kind at one token type."""
         if not self.aie.numel():
             return {"layer": -1, "aie": float("nan"), "ci": float("nan")}
-        curve = self.aie[TRACE_NAMES.index(kind), TOKEN_TYPES.index(token_type)]
-        if curve.isnan().all():
+        k, t = TRACE_NAMES.index(kind), TOKEN_TYPES.index(token_type)
+        have = self.aie_n[k, t] > 0
+        if not have.any():
             return {"layer": -1, "aie": float("nan"), "ci": float("nan")}
-        layer = int(curve.nan_to_num(-math.inf).argmax())
-        ci = float(self.aie_ci[TRACE_NAMES.index(kind), TOKEN_TYPES.index(token_type), layer])
-        return {"layer": layer, "aie": float(curve[layer]), "ci": ci}
+        layer = int(self.aie[k, t].masked_fill(~have, -math.inf).argmax())
+        return {"layer": layer, "aie": float(self.aie[k, t, layer]), "ci": float(self.aie_ci[k, t, layer])}
 
     def sites(self) -> dict[str, dict]:
         """Early site: MLP at the last subject token peaks in the first 60 % of layers with a CI above 0.
@@ -184,6 +190,12 @@ class FactualResult(Result):
                 row[f"layer ({t})"] = pk["layer"]
             rows.append(row)
         return rows
+
+    def fact_figure(self, i: int):
+        """Heat-maps token x layer of fact i's traces (hidden, MLP, attention[, severed])."""
+        from workbench.analyses.factual import figures
+
+        return figures.fact_traces(self, i)
 
     def figures(self) -> dict[str, Any]:
         from workbench.analyses.factual import figures
