@@ -172,3 +172,22 @@ def test_unique_topk_matches_a_brute_force_reference():
         assert vals[j].tolist() == pytest.approx([x for x, _ in ref])
         assert got_rows[j].tolist() == [r for _, r in ref]
         assert len(set(hashes[got_rows[j]].tolist())) == k
+
+
+def test_hook_z_directions_go_through_w_o_even_when_n_heads_d_head_equals_d_model(tiny_model):
+    """A hook_z latent writes W_dec @ W_O, not W_dec read as a residual direction; tiny GPT-2 has
+    n_heads * d_head == d_model, the shape that made the old width test take the wrong branch."""
+    from types import SimpleNamespace
+
+    from workbench.analyses.dashboards.compute import directions
+
+    cfg = tiny_model.cfg
+    assert cfg.n_heads * cfg.d_head == cfg.d_model
+    W_dec = torch.randn(7, cfg.n_heads * cfg.d_head, generator=torch.Generator().manual_seed(0))
+    meta = SimpleNamespace(hook_name="blocks.1.attn.hook_z", hook_name_out=None)
+    sae = SimpleNamespace(W_dec=W_dec, cfg=SimpleNamespace(metadata=meta))
+    D, how = directions(sae, tiny_model, "blocks.1.attn.hook_z")
+    W_O = tiny_model.W_O[1].detach().float()  # [n_heads, d_head, d_model]
+    expected = torch.einsum("lhd,hdm->lm", W_dec.view(7, cfg.n_heads, cfg.d_head), W_O)
+    torch.testing.assert_close(D, expected)
+    assert how == "W_dec @ W_O[layer] @ W_U"

@@ -217,6 +217,9 @@ def directions(sae, model, site: str) -> tuple[torch.Tensor | None, str]:
     layer, d_model = layer_of(site), model.cfg.d_model
     if sae is not None:
         W, out_site = sae.W_dec.detach().float(), dictionary_sites(sae)[1]
+        # hook_z before the width test: n_heads * d_head can equal d_model (smollm2: 9 x 64 = 576)
+        if out_site.endswith("attn.hook_z") and layer is not None:
+            return W.reshape(len(W), -1) @ _w_o(model, layer), "W_dec @ W_O[layer] @ W_U"
         if W.shape[1] == d_model:
             return W, "W_dec @ W_U"
         if out_site.endswith("mlp.hook_post") and layer is not None:
@@ -224,11 +227,19 @@ def directions(sae, model, site: str) -> tuple[torch.Tensor | None, str]:
         return None, f"no output direction for a dictionary decoding to {out_site}"
     if site.endswith("mlp.hook_post") and layer is not None:
         return model.W_out[layer].detach().float(), "W_out[layer] @ W_U"
+    if site.endswith("attn.hook_z") and layer is not None:
+        return _w_o(model, layer), "W_O[layer] @ W_U (one row per head dimension)"
     if site.endswith(
         ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out")
     ):
         return torch.eye(d_model), "W_U rows (residual-stream basis)"
     return None, f"no output direction for neurons of {site}"
+
+
+def _w_o(model, layer: int) -> torch.Tensor:
+    """W_O of one layer as [n_heads * d_head, d_model]: what a flattened hook_z row writes."""
+    W_O = model.W_O[layer].detach().float()  # [n_heads, d_head, d_model]
+    return W_O.reshape(-1, W_O.shape[-1])
 
 
 @torch.no_grad()
