@@ -10,13 +10,22 @@ whose theoretical expectation is 1 within the bound |‖x‖² − ‖f̃‖²| 
 Transcoders (Dunefsky et al. 2024) read their input site and are scored on the output site: the
 spliced loss is the replacement loss (MLP output replaced by the transcoder output) and the FVU
 is the fidelity of the MLP output. Several dictionaries (e.g. one per layer) give one row each.
+
+Rows (`sae.rows`, the rule training uses): special tokens (BOS and the tokenizer's structural ids,
+as SAELens' exclude_special_tokens) are left out of every metric and keep their own activation in
+the splice; norm outliers (> outlier_factor × the site's median row norm) are left out of `fvu`
+and every stored metric, and also pass through the splice unchanged; `fvu_all_but_bos` scores the
+same span of text with them. `split` says which rows: 'held_out' (default) = the sequences the
+dictionary's training held out of this store, or the whole store when it was trained elsewhere;
+'train' = the rows it trained on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,6 +34,8 @@ from workbench.context import Context
 from workbench.inputs import input_field
 from workbench.sae import metrics as M
 from workbench.sae.compat import check_store
+from workbench.sae.rows import RowRule, Rows, first_span, select_rows, special_token_ids
+from workbench.sae.splice import splice_inputs, splice_metrics
 from workbench.sites import layer_of
 
 
@@ -71,9 +82,15 @@ class SaeEvalConfig:
     """Sequences per forward pass of the splice."""
     token_batch: int = 1024
     """Rows per encode/decode batch."""
-    skip_bos: bool = True
-    """Leave position 0 out of every metric and keep its original activation in the splice (SAELens'
-    exclude_special_tokens); the zero-ablation baseline ablates all positions, as SAELens does."""
+    skip_special: bool = True
+    """Leave BOS (position 0) and special tokens out of every metric and keep their original activation
+    in the splice (SAELens' exclude_special_tokens); the zero-ablation baseline ablates all positions."""
+    outlier_factor: float = 5.0
+    """Rows whose norm exceeds this × the site's median row norm are left out of the metrics and pass
+    through the splice unchanged (counted in outliers_excluded); 0 = off."""
+    split: Literal["held_out", "train"] = "held_out"
+    """Rows the dictionary never trained on (its held-out sequences of its training store, or all of
+    another store), or its training rows."""
 
 
 @dataclass
@@ -135,13 +152,30 @@ class SaeEvalResult(Result):
         return figs
 
 
-def _rows_kept(store, n_tokens: int, skip_bos: bool) -> torch.Tensor:
-    """Bool [n_rows]: the first n_tokens rows, position 0 left out when skip_bos."""
-    keep = store.token_ids() >= 0
-    if skip_bos:
-        keep &= torch.tensor(store.tokens().column("pos").to_numpy()) != 0
-    keep &= keep.cumsum(0) <= n_tokens
-    return keep
+def eval_rows(sae, store, cfg: SaeEvalConfig, path: str, special: list[int]) -> Rows:
+    """The rows of `cfg.split` for this dictionary on this store under the row rule (module docstring)."""
+    record = sae.cfg.metadata.get("workbench") or {}
+    rule_record = record.get("row_rule") or {}
+    trained_here = store.fingerprint in (
+        rule_record.get("store_fingerprint"),
+        record.get("store_fingerprint"),
+    )
+    every = int(rule_record.get("held_out_every", 0))
+    if not trained_here and cfg.split == "train":
+        raise ValueError(
+            f"dictionary {path} was not trained on store {store.root} (or does not record it), "
+            "so it has no training rows there: use --split held_out"
+        )
+    if trained_here and cfg.split == "held_out" and every <= 0:
+        raise ValueError(
+            f"dictionary {path} trained on every row of store {store.root}, so none is held out: "
+            "use --split train, or evaluate on another store"
+        )
+    rule = RowRule(cfg.skip_special, cfg.outlier_factor, every if trained_here else 0)
+    sites = list(dict.fromkeys(dictionary_sites(sae)))
+    rows = select_rows(store, sites, rule, cfg.split if trained_here else "all", special)
+    rows.split = cfg.split  # 'all' of a store it never saw is held out
+    return rows
 
 
 @torch.no_grad()
@@ -165,65 +199,32 @@ def _stored_metrics(sae, store, hook_in: str, hook_out: str, keep: torch.Tensor,
             l0s.append(M.l0(f))
             for k, v in M.afa_norms(f, t, W_dec, b_dec).items():
                 norms.setdefault(k, []).append(v)
-    return {"stats": stats, "l0": torch.cat(l0s), "afa": {k: torch.cat(v) for k, v in norms.items()}}
-
-
-def _replacement_hooks(sae, hook_in: str, hook_out: str, skip_bos: bool) -> list:
-    """Hooks that replace the output site by the dictionary's reconstruction of the input site."""
-    saved: dict[str, torch.Tensor] = {}
-
-    def grab(act, hook):
-        saved["x"] = act
-        return act
-
-    def replace(act, hook):
-        x = saved.get("x", act)
-        new = sae.decode(sae.encode(x.float().flatten(2))).reshape(act.shape).to(act.dtype)
-        if skip_bos:
-            new[:, 0] = act[:, 0]
-        return new
-
-    return [(hook_out, replace)] if hook_in == hook_out else [(hook_in, grab), (hook_out, replace)]
+    l0 = torch.cat(l0s) if l0s else torch.zeros(0)
+    return {"stats": stats, "l0": l0, "afa": {k: torch.cat(v) for k, v in norms.items()}}
 
 
 @torch.no_grad()
-def splice_metrics(
-    model, sae, tokens: torch.Tensor, hook_in: str, hook_out: str, batch_size: int, skip_bos: bool
-):
-    """CE (clean, spliced, zero-ablated) and KL (spliced, ablated) averaged over next-token predictions.
+def _fvu_over(sae, store, hook_in: str, hook_out: str, mask: torch.Tensor, batch: int) -> tuple[float, int]:
+    """(FVU, rows) of the reconstruction over the rows of `mask` (no other metric)."""
+    stats = M.ReconstructionStats(math.prod(store.shape(hook_out)))
+    for i, rec in enumerate(store.records(hook_in)):
+        m = mask[rec.row_start : rec.row_end]
+        if not m.any():
+            continue
+        x = store.shard(hook_in, i)[m].float().flatten(1)
+        y = x if hook_out == hook_in else store.shard(hook_out, i)[m].float().flatten(1)
+        for lo in range(0, len(x), batch):
+            stats.add(y[lo : lo + batch], sae.decode(sae.encode(x[lo : lo + batch])))
+    return stats.fvu(), stats.n
 
-    tokens: [n_seq, pos]. Losses are per prediction [n_seq, pos-1]; KL per position [n_seq, pos];
-    with skip_bos the predictions made at position 0 are left out, as SAELens does for special tokens.
-    """
-    sums = dict.fromkeys(["ce_clean", "ce_sae", "ce_abl", "kl_sae", "kl_abl"], 0.0)
-    n_ce = n_kl = 0
-    zero = [(hook_out, lambda act, hook: torch.zeros_like(act))]
-    for lo in range(0, len(tokens), batch_size):
-        batch = tokens[lo : lo + batch_size]
-        clean_logits, ce_clean = model(batch, return_type="both", loss_per_token=True)
-        kw = {"return_type": "both", "loss_per_token": True}
-        sae_logits, ce_sae = model.run_with_hooks(
-            batch, fwd_hooks=_replacement_hooks(sae, hook_in, hook_out, skip_bos), **kw
-        )
-        abl_logits, ce_abl = model.run_with_hooks(batch, fwd_hooks=zero, **kw)
-        kl_sae, kl_abl = M.kl_per_token(clean_logits, sae_logits), M.kl_per_token(clean_logits, abl_logits)
-        s = 1 if skip_bos else 0
-        for name, v in (("ce_clean", ce_clean), ("ce_sae", ce_sae), ("ce_abl", ce_abl)):
-            sums[name] += float(v[:, s:].double().sum())
-        for name, v in (("kl_sae", kl_sae), ("kl_abl", kl_abl)):
-            sums[name] += float(v[:, s:].double().sum())
-        n_ce += ce_clean[:, s:].numel()
-        n_kl += kl_sae[:, s:].numel()
-    ce = {k: sums[k] / n_ce for k in ("ce_clean", "ce_sae", "ce_abl")}
-    kl = {k: sums[k] / n_kl for k in ("kl_sae", "kl_abl")}
+
+def _excluded(store, keep: torch.Tensor, everything: torch.Tensor, special: list[int]) -> dict[str, int]:
+    """Special-token and outlier rows left out of the scored span (BOS rows are never in it)."""
+    tok = store.token_ids()
+    special_rows = everything & torch.isin(tok, torch.tensor(special, dtype=tok.dtype))
     return {
-        "ce_loss_without_sae": ce["ce_clean"],
-        "ce_loss_with_sae": ce["ce_sae"],
-        "ce_loss_with_ablation": ce["ce_abl"],
-        "ce_loss_score": M.ce_loss_score(ce["ce_clean"], ce["ce_sae"], ce["ce_abl"]),
-        "kl_div_with_sae": kl["kl_sae"],
-        "kl_div_with_ablation": kl["kl_abl"],
-        "kl_div_score": (kl["kl_abl"] - kl["kl_sae"]) / kl["kl_abl"] if kl["kl_abl"] else float("nan"),
+        "special_excluded": int(special_rows.sum()),
+        "outliers_excluded": int((everything & ~keep & ~special_rows).sum()),
     }
 
 
@@ -252,8 +253,11 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
     hook_in, hook_out = dictionary_sites(sae)
     _check_store(store, hook_in, hook_out, path)
     check_store(sae, store, path)  # model, weight processing and widths (sae.compat)
-    keep = _rows_kept(store, cfg.n_tokens, cfg.skip_bos)
+    special = special_token_ids(store) if cfg.skip_special else []
+    rows = eval_rows(sae, store, cfg, path, special)
+    keep, everything = first_span(rows, cfg.n_tokens)
     out = _stored_metrics(sae, store, hook_in, hook_out, keep, cfg, ctx)
+    fvu_all, n_all = _fvu_over(sae, store, hook_in, hook_out, everything, cfg.token_batch)
     stats, freq = out["stats"], out["stats"].frequency()
     max_cos = M.max_abs_cosine(sae.W_dec.detach())
     transcoder = hook_in != hook_out
@@ -266,11 +270,15 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
         "layer": layer_of(hook_out),
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
+        "split": rows.split,
         "n_tokens": stats.n,
+        "n_tokens_all_but_bos": n_all,
+        **_excluded(store, keep, everything, special),
         "l0": stats.l0(),
         "l1": stats.l1(),
         "mse": stats.mse(),
         "fvu": stats.fvu(),
+        "fvu_all_but_bos": fvu_all,
         "explained_variance": stats.explained_variance(),
         "cossim": stats.cossim(),
         **M.frequency_summary(freq),
@@ -279,9 +287,9 @@ def evaluate(sae, path: str, store, model, cfg: SaeEvalConfig, ctx: Context) -> 
         **_afa_row(out["afa"], float(max_cos.max())),
     }
     if cfg.n_seqs > 0 and model is not None:
-        ctx_len = store.config["ctx_len"]
-        tokens = store.token_ids()[: cfg.n_seqs * ctx_len].reshape(-1, ctx_len)
-        row.update(splice_metrics(model, sae, tokens, hook_in, hook_out, cfg.batch_size, cfg.skip_bos))
+        tokens, own = splice_inputs(store, rows, cfg.n_seqs, special)
+        limits = {site: cfg.outlier_factor * m for site, m in rows.medians.items()}
+        row.update(splice_metrics(model, sae, tokens, hook_in, hook_out, cfg.batch_size, own, limits))
         if transcoder:
             row["replacement_loss"] = row["ce_loss_with_sae"]
     if transcoder:
@@ -301,7 +309,11 @@ FORMULAS = {
     "afa_ratio_centered": "||f~||_2 / ||x - b_dec||_2 per token (no b_dec atom): the norm top-AFA's k* matches",
     "afa_frac_within_bound": "fraction of tokens with | ||x||^2 - ||f~||^2 | <= eps (||f~||_1^2 - ||f~||_2^2), "
     "eps = max off-diagonal |cos| of the decoder",
-    "frac_dead": "fraction of latents that fire on none of the evaluated tokens",
+    "frac_never_fired": "fraction of latents that fire on none of the evaluated tokens (SAEBench's frac_dead; "
+    "not the training window's dead latents)",
+    "fvu_all_but_bos": "FVU over the same span of text with special tokens and norm outliers kept in (BOS left out)",
+    "rows": "special tokens (BOS, EOS/PAD ids) and rows with norm > outlier_factor x the site's median norm "
+    "are left out of every stored metric and keep their own activation in the splice",
 }
 
 

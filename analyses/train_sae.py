@@ -302,7 +302,9 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
     scaling = input_scaling(store, sites, train_rows) if cfg.normalize else [1.0] * len(sites)
     spec = arch_spec(cfg, d_in, d_out)
     meta = dictionary_metadata(store, cfg, site, target, scaling)
-    row_rule = {k: v for k, v in rule.items() if k != "special_ids"} | {"store_fingerprint": store.fingerprint}
+    row_rule = {k: v for k, v in rule.items() if k != "special_ids"} | {
+        "store_fingerprint": store.fingerprint
+    }
     meta.setdefault("workbench", {})["row_rule"] = row_rule  # sae-eval finds the held-out split by it
     sae = build(spec, meta, seed=cfg.seed)
     init_b_dec(sae, store, sites[-1], train_rows.keep, scaling[-1], cfg.b_dec_init)

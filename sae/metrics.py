@@ -8,7 +8,9 @@ Definitions (methods.md §2.0, ecosystem.md §4.4; field names follow SAELens/SA
   for comparison: it depends on the batch size.
 - CE loss recovered = (CE_zero_ablate − CE_spliced) / (CE_zero_ablate − CE_clean); KL = KL(clean ‖ spliced)
   of the next-token distributions, averaged over tokens.
-- Dead latents fire on no evaluated token; dense latents fire on more than 1 % / 10 % of tokens.
+- Never-fired latents (`frac_never_fired`, SAEBench's frac_dead) fire on no evaluated token; dense latents
+  fire on more than 1 % / 10 % of tokens. Dead *by the training window* (AuxK's target) is another
+  measure: `frac_dead_window` in train-sae.
 - AFA (Lee et al. 2025, arXiv 2503.24277 §3): for ε-quasi-orthogonal unit atoms ‖f‖₂ ≈ ‖z‖₂, with
   |‖z‖² − ‖f‖²| ≤ ε(‖f‖₁² − ‖f‖₂²). f̃_i = f_i‖W_dec,i‖ with ‖b_dec‖ appended as one extra
   coefficient (their `zf-plot.ipynb`); εLBO = |‖z‖² − ‖f̃‖²| / ((h − 1)‖f̃‖²).
@@ -120,9 +122,10 @@ def kl_per_token(
 
 
 def frequency_summary(freq: Float[Tensor, " d_sae"]) -> dict[str, float]:
-    """Dead/alive/dense fractions of latents from their firing frequencies (SAEBench names)."""
+    """Never-fired/alive/dense fractions of latents from their firing frequencies (SAEBench names, except
+    `frac_never_fired` = SAEBench's frac_dead, renamed apart from the training window's dead latents)."""
     return {
-        "frac_dead": float((freq == 0).float().mean()),
+        "frac_never_fired": float((freq == 0).float().mean()),
         "frac_alive": float((freq > 0).float().mean()),
         "freq_over_1_percent": float((freq > 0.01).float().mean()),
         "freq_over_10_percent": float((freq > 0.1).float().mean()),

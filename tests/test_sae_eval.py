@@ -40,7 +40,12 @@ def test_l0_frequency_and_dead_dense():
     assert acc.frequency().tolist() == pytest.approx([1.0, 0.05, 0.01, 0.0])
     s = M.frequency_summary(acc.frequency())
     assert s == pytest.approx(
-        {"frac_dead": 0.25, "frac_alive": 0.75, "freq_over_1_percent": 0.5, "freq_over_10_percent": 0.25}
+        {
+            "frac_never_fired": 0.25,
+            "frac_alive": 0.75,
+            "freq_over_1_percent": 0.5,
+            "freq_over_10_percent": 0.25,
+        }
     )
     counts, edges, dead = M.log_frequency_histogram(acc.frequency(), bins=8)
     assert dead == 1 and sum(counts) == 3 and len(edges) == 9
@@ -142,20 +147,25 @@ def test_planted_identity_dictionary_is_perfect(store, tmp_path):
     assert row["fvu"] == pytest.approx(0.0, abs=1e-9) and row["explained_variance"] == pytest.approx(1.0)
     assert row["ce_loss_score"] == pytest.approx(1.0, abs=1e-4) and row["kl_div_with_sae"] < 1e-6
     assert row["l0"] == pytest.approx(d, abs=0.01)  # one of each ± pair per dimension
-    assert row["frac_dead"] == 0.0 and row["mean_max_abs_cos"] == pytest.approx(
+    assert row["frac_never_fired"] == 0.0 and row["mean_max_abs_cos"] == pytest.approx(
         1.0
     )  # ± pairs are anti-parallel
-    assert row["n_tokens"] == 16 * (CTX - 1)  # BOS left out
+    eos = 50256  # GPT-2's BOS = EOS: the sequence start and the separators between documents
+    assert (
+        row["n_tokens"] == int((store.token_ids() != eos).sum()) < 16 * (CTX - 1)
+    )  # special tokens left out
+    assert row["special_excluded"] > 0 and row["split"] == "held_out"
 
 
-def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path):
+@pytest.mark.parametrize("exclude", [False, True])
+def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path, exclude):
     """Our numbers vs `sae_lens.evals.run_evals` on the same SAE and the same token batches.
 
     Same formulas: SAELens' `explained_variance` (ExplainedVarianceCalculator) is the conventional
     1 − FVU; `mse` is Σ_dims mean_tokens; `ce_loss_score` is a ratio of means. SAELens reads x by
     re-running the model (`run_with_cache`), we read it from the store (same numbers: store parity).
-    exclude_special_tokens=False ↔ skip_bos=False: SAELens masks special tokens by *id* (also the EOS
-    separators between documents), we mask position 0; with every position kept the two agree.
+    exclude_special_tokens ↔ skip_special (outlier rule off): both leave BOS and the EOS separators
+    between documents (special ids) out of every metric and keep their own activation in the splice.
     """
     from sae_lens.evals import EvalConfig, run_evals
     from sae_lens.training.activation_scaler import ActivationScaler
@@ -185,10 +195,19 @@ def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path):
         compute_featurewise_density_statistics=True, compute_l2_norms=True,
     )  # fmt: skip
     theirs, feats = run_evals(
-        sae, Batches(), tiny_model, ActivationScaler(), config, exclude_special_tokens=False
+        sae, Batches(), tiny_model, ActivationScaler(), config, exclude_special_tokens=exclude
     )
+    special = tokens[:8] == tiny_model.tokenizer.eos_token_id  # BOS = EOS id in this tokenizer
+    assert not exclude or (special[:, 1:].sum() > 0 and special[:, 0].all())  # separators inside sequences
+    n_tokens = int((~special).sum()) if exclude else 8 * CTX
     res = api.run(
-        "sae-eval", dictionary=path, store=str(store.root), n_tokens=8 * CTX, n_seqs=8, skip_bos=False
+        "sae-eval",
+        dictionary=path,
+        store=str(store.root),
+        n_tokens=n_tokens,
+        n_seqs=8,
+        skip_special=exclude,
+        outlier_factor=0,
     )
     ours = res.table[0]
     pairs = {
@@ -210,6 +229,8 @@ def test_golden_parity_with_sae_lens_evals(store, tiny_model, tmp_path):
     assert ours["fvu"] == pytest.approx(1 - pairs["explained_variance"], abs=1e-4)
     assert torch.allclose(res.frequency["0"], torch.tensor(feats["feature_density"]), atol=1e-6)
     assert 0 < ours["l0"] <= 8 and not math.isnan(ours["afa_ratio_mean"])
+    assert ours["n_tokens"] == n_tokens and ours["split"] == "held_out"  # a store it never trained on
+    assert ours["special_excluded"] == (int(special[:, 1:].sum()) if exclude else 0)
 
 
 def test_transcoder_zero_decoder_matches_ablation(store, tmp_path):
@@ -224,7 +245,7 @@ def test_transcoder_zero_decoder_matches_ablation(store, tmp_path):
     with torch.no_grad():
         tc.W_dec.zero_()  # outputs b_dec = 0: the replacement *is* zero-ablation
     path = _save(tc, tmp_path / "tc")
-    res = api.run("sae-eval", dictionary=path, store=str(store.root), n_seqs=4, skip_bos=False)
+    res = api.run("sae-eval", dictionary=path, store=str(store.root), n_seqs=4, skip_special=False)
     row = res.table[0]
     assert row["kind"] == "transcoder" and row["site_out"] == TC_OUT
     assert row["replacement_loss"] == pytest.approx(row["ce_loss_with_ablation"], abs=1e-5)
@@ -258,11 +279,11 @@ def test_every_architecture_evaluates_like_a_direct_forward(arch, store, tmp_pat
     d = store.shape(SITE)[0]
     sae = archs.build(archs.ArchSpec(arch, d_in=d, d_sae=64, k=4), metadata={"hook_name": SITE})
     path = io.save_dictionary(sae, tmp_path / arch)
-    res = api.run("sae-eval", dictionary=f"{path},{path}", store=str(store.root), n_seqs=0)
+    res = api.run("sae-eval", dictionary=f"{path},{path}", store=str(store.root), n_seqs=0, outlier_factor=0)
     assert len(res.table) == 2 and res.table[0]["fvu"] == res.table[1]["fvu"]  # one row per dictionary
     loaded = io.load_dictionary(path)
     x = store.read(SITE).double()
-    x = x[torch.arange(len(x)) % CTX != 0]
+    x = x[store.token_ids() != 50256]  # BOS and the document separators (GPT-2's EOS) left out
     with torch.no_grad():
         f = loaded.encode(x.float())
         x_hat = loaded.decode(f).double()
