@@ -317,7 +317,7 @@ FORMULAS = {
 }
 
 
-@register("sae-eval", version=2)
+@register("sae-eval", version=3)
 def run(cfg: SaeEvalConfig, ctx: Context) -> SaeEvalResult:
     """Evaluate SAEs/transcoders: L0, FVU, CE recovered, KL, dead/dense latents, decoder cosines, AFA."""
     paths = [p.strip() for p in cfg.dictionary.split(",") if p.strip()]
