@@ -25,7 +25,7 @@ def test_page_shows_traces_and_refuses_a_subject_not_in_the_prompt(tiny_model, t
     )
     result = api.run("factual", model=str(tiny_model_dir), **opts)
     at = _page()
-    titles = [c.proto.figure.spec for c in at.get("plotly_chart")]
+    titles = [c.proto.spec for c in at.get("plotly_chart")]
     assert len(titles) == 4  # the fact's traces, AIE curves, heads, suppression
     assert "The capital of France is" in titles[0]
     assert any("site:" in m.value for m in at.markdown)
