@@ -474,7 +474,8 @@ def test_background_job_reports_progress_and_errors(home):
         time.sleep(0.2)
     job = ui.job(jid)
     assert job.status == "done" and job.key
-    assert job.total == 4 and job.done == 4 and job.fraction == 1.0  # 2 layers x 2 sites, one shard each
+    # two passes (the firing rule needs each unit's range first) x 2 layers x 2 sites, one shard each
+    assert job.total == 8 and job.done == 8 and job.fraction == 1.0
     bad = ui.start_job("activation-stats", {"store": str(home["root"] / "nowhere")})
     while ui.job(bad).status == "running" and time.time() < deadline:
         time.sleep(0.2)

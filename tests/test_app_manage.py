@@ -78,7 +78,7 @@ def test_config_fields_and_lens_errors(tiny_model, tmp_path):
         StandardSAEConfig(d_in=32, d_sae=8, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"))
     )
     narrow.save_model(str(tmp_path / "narrow"))
-    with pytest.raises(api.LensError, match="does not match"):
+    with pytest.raises(api.LensError, match="with width 32, but model .* has width 64 there"):
         api.prompt_lens(tiny_model, TEXT, 0, dictionary=str(tmp_path / "narrow"))
     assert api.dictionary_info(tmp_path / "narrow")["site"] == "blocks.0.hook_resid_post"
 
