@@ -9,7 +9,6 @@ loaded results by cache key in `st.cache_resource` (tensors are never pickled in
 
 from __future__ import annotations
 
-import html
 import json
 import threading
 import time
@@ -175,38 +174,21 @@ def follow_job(job_state: str, result_state: str, label: str) -> None:
 
 
 # --- rendering ---------------------------------------------------------------------------
-def _colour(value: float, vmax: float) -> str:
-    alpha = min(abs(value) / vmax, 1.0) if vmax > 0 else 0.0
-    rgb = "255,110,0" if value >= 0 else "40,110,255"
-    return f"rgba({rgb},{alpha:.2f})"
-
-
 def token_html(
     tokens: list[str], values: list[float], vmax: float | None = None, mark: int | None = None
 ) -> str:
     """Tokens as spans coloured by value (orange positive, blue negative); hover shows the value;
-    the token at `mark` (e.g. the max-activating one) is outlined."""
-    vmax = vmax if vmax is not None else max((abs(v) for v in values), default=0.0)
-    spans = []
-    for i, (tok, v) in enumerate(zip(tokens, values)):
-        shown = html.escape(tok).replace("\n", "↵")
-        tip = html.escape(f"{i}: {tok!r} = {v:.4g}", quote=True)
-        outline = "outline:2px solid #333;" if i == mark else ""
-        spans.append(
-            f'<span class="tok" title="{tip}" style="background:{_colour(v, vmax)};{outline}'
-            f'border-radius:3px;padding:1px 0;white-space:pre-wrap">{shown}</span>'
-        )
-    return (
-        '<div class="ctx" style="line-height:1.9;font-family:monospace;overflow-wrap:anywhere;'
-        'margin-bottom:0.4em">' + "".join(spans) + "</div>"
-    )
+    the token at `mark` (e.g. the max-activating one) is outlined. One renderer with the prompt
+    lens and Jupyter (workbench.highlight)."""
+    vmax = vmax if vmax is not None else api.token_scale(values)
+    return api.token_spans(tokens, values, vmax, mark)
 
 
 def pill_colours(key: str, values: list[float]) -> str:
     """CSS giving the i-th pill of the `st.pills` with this key the colour of values[i]."""
     vmax = max((abs(v) for v in values), default=0.0)
     rules = [
-        f".st-key-{key} button:nth-of-type({i + 1}){{background:{_colour(v, vmax)};font-family:monospace}}"
+        f".st-key-{key} button:nth-of-type({i + 1}){{background:{api.token_colour(v, vmax)};font-family:monospace}}"
         for i, v in enumerate(values)
     ]
     return "<style>" + "".join(rules) + "</style>"

@@ -23,7 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from workbench import analysis, inputs, manage, models, paths
 from workbench.capture_config import CaptureConfig
-from workbench.highlight import show_tokens  # noqa: F401 - tokens coloured by values, inline in Jupyter
+
+# tokens coloured by values, one renderer for the app, the prompt lens and Jupyter
+from workbench.highlight import colour as token_colour  # noqa: F401
+from workbench.highlight import scale as token_scale  # noqa: F401
+from workbench.highlight import show_tokens, token_spans  # noqa: F401
 
 # torch, TransformerLens and the store are imported where used: `workbench --help`, `list`,
 # `models` must not pay for them.
