@@ -173,6 +173,26 @@ def follow_job(job_state: str, result_state: str, label: str) -> None:
         st.session_state.pop(job_state)
 
 
+def pick_result(name: str, state: str, empty: str) -> str:
+    """A selectbox over the cached results of analysis `name`, newest first, kept in
+    st.session_state[state]; the chosen key. Shows `empty` and stops the page when there are none."""
+    rows = api.cached(name)
+    if not rows:
+        st.info(empty)
+        st.stop()
+    keys = [r["key"] for r in rows]
+    if st.session_state.get(state) not in keys:
+        st.session_state[state] = keys[0]
+    return st.selectbox(
+        "Result",
+        keys,
+        key=state,
+        format_func=lambda k: next(
+            f"{r['key'][:12]} · {r.get('model')} · {r.get('created', '')}" for r in rows if r["key"] == k
+        ),
+    )
+
+
 # --- rendering ---------------------------------------------------------------------------
 def token_html(
     tokens: list[str], values: list[float], vmax: float | None = None, mark: int | None = None

@@ -56,21 +56,7 @@ if submitted:
 
 ui.follow_job("factual-job", "factual-result", "factual tracing")
 
-rows = api.cached(NAME)
-if not rows:
-    st.info("No traces yet: type a fact or pick a set above and press Run.")
-    st.stop()
-keys = [r["key"] for r in rows]
-if st.session_state.get("factual-result") not in keys:
-    st.session_state["factual-result"] = keys[0]
-key = st.selectbox(
-    "Result",
-    keys,
-    key="factual-result",
-    format_func=lambda k: next(
-        f"{r['key'][:12]} · {r.get('model')} · {r.get('created', '')}" for r in rows if r["key"] == k
-    ),
-)
+key = ui.pick_result(NAME, "factual-result", "No traces yet: type a fact or pick a set above and press Run.")
 
 with ui.guard("cannot show this result"):
     result = ui.result(key)

@@ -59,20 +59,8 @@ if submitted:
 
 ui.follow_job("patching-job", "patching-result", "patching")
 
-rows = api.cached(NAME)
-if not rows:
-    st.info("No patching results yet: pick a task and methods above and press Run.")
-    st.stop()
-keys = [r["key"] for r in rows]
-if st.session_state.get("patching-result") not in keys:
-    st.session_state["patching-result"] = keys[0]
-key = st.selectbox(
-    "Result",
-    keys,
-    key="patching-result",
-    format_func=lambda k: next(
-        f"{r['key'][:12]} · {r.get('model')} · {r.get('created', '')}" for r in rows if r["key"] == k
-    ),
+key = ui.pick_result(
+    NAME, "patching-result", "No patching results yet: pick a task and methods above and press Run."
 )
 
 with ui.guard("cannot show this result"):
