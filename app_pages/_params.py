@@ -6,7 +6,7 @@ message goes once the user moves on) and the page carries on with its default. N
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import streamlit as st
@@ -97,3 +97,21 @@ def field(f: dict[str, Any], choices: Sequence[Any] | None) -> Any:
     if f["kind"] == "bool":
         return flag(name, bool(default))
     return text(name, str(default))
+
+
+def unit_picker(name: str, label: str, first: int, hi: int, goto: Callable[[int], None]) -> int:
+    """The unit number box (0..hi) in st.session_state[name]: opened on ?<name>= when the URL names
+    a unit (also mid-session, when the parameter changes), else on `first`; `goto` on every change."""
+    asked = st.query_params.get(name)
+    if name not in st.session_state or (asked is not None and asked != st.session_state.get(f"{name}_param")):
+        st.session_state[name] = integer(name, first, lo=0, hi=hi)
+        st.session_state[f"{name}_param"] = asked
+    return int(
+        st.number_input(
+            f"{label} (0..{hi})",
+            min_value=0,
+            step=1,
+            key=name,
+            on_change=lambda: goto(int(st.session_state[name])),
+        )
+    )

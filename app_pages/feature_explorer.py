@@ -101,20 +101,8 @@ st.dataframe(
 )
 st.caption(f"{len(rows)} of {res.n_latents} latents shown · click a row to open it")
 
-asked = st.query_params.get("latent")
-if "latent" not in st.session_state or (asked is not None and asked != st.session_state.get("latent_param")):
-    first = rows[0]["latent"] if rows else 0
-    st.session_state["latent"] = params.integer("latent", first, lo=0, hi=int(res.n_latents) - 1)
-    st.session_state["latent_param"] = asked
-latent = int(
-    st.number_input(
-        f"Latent (0..{res.n_latents - 1})",
-        min_value=0,
-        step=1,
-        key="latent",
-        on_change=lambda: _goto(int(st.session_state["latent"])),
-    )
-)
+first = rows[0]["latent"] if rows else 0
+latent = params.unit_picker("latent", "Latent", first, int(res.n_latents) - 1, _goto)
 own_text = {"model": res.model, "processing": api.open_store(store_path).config.get("processing", "raw"),
             "dictionary": info["path"]}  # fmt: skip
 with ui.guard("cannot show this latent"):

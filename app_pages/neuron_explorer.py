@@ -53,19 +53,7 @@ with st.sidebar:
     layer = st.selectbox("Layer", layers, index=layers.index(wanted))
 site = f"blocks.{layer}.mlp.hook_post"
 d_mlp = store.shape(site)[-1]
-asked = st.query_params.get("neuron")
-if "neuron" not in st.session_state or (asked is not None and asked != st.session_state.get("neuron_param")):
-    st.session_state["neuron"] = params.integer("neuron", 0, lo=0, hi=d_mlp - 1)
-    st.session_state["neuron_param"] = asked
-neuron = int(
-    st.number_input(
-        f"Neuron (0..{d_mlp - 1})",
-        min_value=0,
-        step=1,
-        key="neuron",
-        on_change=lambda: _goto(int(st.session_state["neuron"])),
-    )
-)
+neuron = params.unit_picker("neuron", "Neuron", 0, d_mlp - 1, _goto)
 st.caption(f"{site} of {store.config['model']} · {store.n_rows:,} tokens")
 
 key = ui.cached_or_run("dashboards", {"store": store_path, "site": site, "dictionary": ""}, f"layer {layer}")
