@@ -45,7 +45,7 @@ from workbench.sae.io import dictionaries_dir, save_dictionary
 from workbench.sae.recipe import dead_window_tokens, init_b_dec, input_scaling, passes_warning, score
 from workbench.sae.rows import RowRule, Rows, select_rows, special_token_ids
 from workbench.sae.train import LoopConfig, train
-from workbench.sae.transcoder import check_input_site
+from workbench.sae.transcoder import check_input_site, is_mlp_input, mlp_input_site, mlp_output_site
 from workbench.store import ActivationStore
 
 log = logging.getLogger(__name__)
@@ -182,13 +182,13 @@ def resolve_sites(cfg: TrainSAEConfig, sites: list[str]) -> tuple[str, str]:
     """(input site, target site or '') from the config and the store's sites."""
     site = cfg.site
     if not site:
-        pick = [s for s in sites if s.endswith("mlp.hook_in")] if cfg.arch == "transcoder" else sites
+        pick = [s for s in sites if is_mlp_input(s)] if cfg.arch == "transcoder" else sites
         if len(pick) != 1:
             raise ValueError(f"choose --site: the store holds {', '.join(sites)}")
         site = pick[0]
     target = cfg.target_site
     if cfg.arch == "transcoder" and not target:
-        target = f"blocks.{site.split('.')[1]}.hook_mlp_out" if site.startswith("blocks.") else ""
+        target = mlp_output_site(site)
     for s in (site, target):
         if s and s not in sites:
             raise ValueError(f"site '{s}' is not in the store; it holds: {', '.join(sites)}")
@@ -204,12 +204,12 @@ def open_store(cfg: TrainSAEConfig, ctx: Context) -> ActivationStore:
     if not site:
         mid = ctx.model(cfg.model).cfg.n_layers // 2
         site = (
-            f"blocks.{mid}.mlp.hook_in"  # the MLP's true input (after the norm's weight)
+            mlp_input_site(mid)  # the MLP's true input (after the norm's weight)
             if cfg.arch == "transcoder"
             else f"blocks.{mid}.hook_resid_post"
         )
     if cfg.arch == "transcoder" and not target:
-        target = f"blocks.{site.split('.')[1]}.hook_mlp_out"
+        target = mlp_output_site(site)
     sites = (site, target) if target else (site,)
     return ctx.capture(
         CaptureConfig(
