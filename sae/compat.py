@@ -68,6 +68,8 @@ def identity_metadata(store_config: dict[str, Any], store_root: str | Path) -> d
     data = str(store_config.get("data") or "")
     return {
         "model_name": model_name(key),
+        # SAELens' cfg.json vocabulary for readers such as SAEDashboard; the workbench itself only
+        # boots TransformerBridge and never imports HookedTransformer
         "model_class_name": "HookedTransformer",
         "model_from_pretrained_kwargs": dict(PROCESSING_KWARGS[processing]),
         "context_size": store_config.get("ctx_len"),
