@@ -119,3 +119,34 @@ def test_layer_and_kind_names():
     assert ev.layer_and_kind("transformer.h.0.attn.c_attn.weight") == (0, "attn.c_attn")
     with pytest.raises(ValueError, match="not a block weight: lm_head.weight"):
         ev.layer_and_kind("lm_head.weight")
+
+
+def test_result_counts_figures_and_round_trip(setup):
+    from safetensors.torch import load, save
+
+    from workbench.analyses.bigram.result import BigramResult
+
+    model, target, tokens, mask, specials = setup
+    out = ev.evaluate(model, mask, target, tokens, specials, ev.EvalSettings(n_random=1))
+    result = BigramResult.from_eval(out, model="tiny-llama", held_out="wiki seqs 3-7")
+    first_mlp = sum(int(m.sum()) for n, m in mask.masks.items() if n.startswith("model.layers.0.mlp."))
+    assert result.first_mlp_share == pytest.approx(first_mlp / mask.kept())
+    assert result.kept_fraction == pytest.approx(mask.kept_fraction())
+    layers, kinds, kept, size = result.by_layer_kind()
+    assert layers == [0, 1] and "mlp.up_proj" in kinds and "self_attn.q_proj" in kinds
+    assert int(kept.sum()) == mask.kept() and int(size.sum()) == mask.total()
+    q0 = "model.layers.0.self_attn.q_proj.weight"
+    assert int(kept[0, kinds.index("self_attn.q_proj")]) == int(mask.masks[q0].sum())
+    align = result.alignment()
+    torch.testing.assert_close(align["subnetwork: next token"], out.covsim_sub[:, -1])
+    assert set(result.figures()) == {
+        "Kept weights by layer and matrix",
+        "Ablation: mean surprisal",
+        "Surprisal: subnetwork vs bigram",
+        "Current- vs next-token alignment by layer",
+        "Layer covariance similarity",
+    }
+    assert result.summary()[3] == {"measure": "surprisal r with the bigram model", "value": out.r_bigram}
+    plain, arrays = result.to_payload()
+    again = BigramResult.from_payload(plain, load(save(arrays)))
+    assert again.ablation == result.ablation and torch.equal(again.covsim_full, result.covsim_full)
