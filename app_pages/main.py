@@ -24,6 +24,7 @@ PAGES = [
     st.Page(HERE / "analyses.py", title="Analyses", icon=":material/analytics:"),
     st.Page(HERE / "patching.py", title="Patching", icon=":material/compare_arrows:"),
     st.Page(HERE / "factual.py", title="Factual recall", icon=":material/lightbulb:"),
+    st.Page(HERE / "bigram.py", title="Bigram subnetworks", icon=":material/account_tree:"),
 ]
 
 st.navigation(PAGES).run()
