@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 
+from workbench.sae.snmf_dictionary import SNMFSAE, SNMFSAEConfig
 from workbench.sae.topafa import TopAFASAE, TopAFASAEConfig, TopAFATrainingSAE, TopAFATrainingSAEConfig
 from workbench.sae.transcoder import TranscoderTrainingSAE, TranscoderTrainingSAEConfig
 
@@ -20,10 +21,12 @@ def _register() -> None:
         SAE_CLASS_REGISTRY["top_afa"] = (TopAFASAE, TopAFASAEConfig)
     if "top_afa" not in SAE_TRAINING_CLASS_REGISTRY:
         SAE_TRAINING_CLASS_REGISTRY["top_afa"] = (TopAFATrainingSAE, TopAFATrainingSAEConfig)
+    if "snmf" not in SAE_CLASS_REGISTRY:  # SNMF features (sae.snmf_dictionary): inference only
+        SAE_CLASS_REGISTRY["snmf"] = (SNMFSAE, SNMFSAEConfig)
     if "transcoder" not in SAE_TRAINING_CLASS_REGISTRY:
         SAE_TRAINING_CLASS_REGISTRY["transcoder"] = (TranscoderTrainingSAE, TranscoderTrainingSAEConfig)
 
 
 _register()
 
-__all__ = ["TopAFASAE", "TopAFATrainingSAE", "TranscoderTrainingSAE"]
+__all__ = ["SNMFSAE", "TopAFASAE", "TopAFATrainingSAE", "TranscoderTrainingSAE"]
