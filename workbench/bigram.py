@@ -80,6 +80,7 @@ class BigramModel:
             self.unigram = (self.unigram_counts / self.n_tokens).float()
         else:  # the reference's last resort: no counts at all -> uniform
             self.unigram = torch.full((vocab_size,), 1.0 / vocab_size)
+        self._tables: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._keys = rows * vocab_size + self.indices  # sorted: CSR rows ascending, columns sorted
 
     def _row_of_entries(self) -> torch.Tensor:
@@ -113,25 +114,35 @@ class BigramModel:
             raise BigramError(
                 f"log_q has shape {tuple(log_q.shape)}; expected ({len(prev)}, {self.vocab_size})"
             )
-        seen = self.row_total.to(log_q.device)[prev] > 0
+        table = self._on(log_q.device)
+        seen = table["row_total"][prev] > 0
         out = log_q.new_zeros(len(prev))
         rows = seen.nonzero().squeeze(1)
         if len(rows):
             out = out.index_put((rows,), self._seen_ce(prev[rows], log_q[rows]))
         rows = (~seen).nonzero().squeeze(1)
         if len(rows):
-            out = out.index_put((rows,), -(log_q[rows] @ self.unigram.to(log_q)))
+            out = out.index_put((rows,), -(log_q[rows] @ table["unigram"].to(log_q.dtype)))
         return out
 
     def _seen_ce(self, prev: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         device = log_q.device
-        indptr = self.indptr.to(device)
+        table = self._on(device)
+        indptr = table["indptr"]
         starts, lengths = indptr[prev], indptr[prev + 1] - indptr[prev]
         row = torch.repeat_interleave(torch.arange(len(prev), device=device), lengths)
         first = torch.cumsum(lengths, 0) - lengths  # where each row's entries start in the batch
         entry = torch.arange(int(lengths.sum()), device=device) - first[row] + starts[row]
-        cols, weight = self.indices.to(device)[entry], self.cond.to(log_q)[entry]
+        cols, weight = table["indices"][entry], table["cond"][entry].to(log_q.dtype)
         return -log_q.new_zeros(len(prev)).index_add(0, row, log_q[row, cols] * weight)
+
+    def _on(self, device) -> dict[str, torch.Tensor]:
+        """The lookup tables on `device`, copied once per device (a training loop calls this every step)."""
+        device = torch.device(device)
+        if device not in self._tables:
+            names = ("indptr", "indices", "cond", "row_total", "unigram")
+            self._tables[device] = {n: getattr(self, n).to(device) for n in names}
+        return self._tables[device]
 
     def dense(self, prev: torch.Tensor) -> torch.Tensor:
         """The full target P(·|prev) [n, vocab], for small tests."""
