@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -132,3 +133,28 @@ def test_contexts_map_bos_and_eos_to_the_start_row(tok, corpus):
     model = bigram.count(corpus, tok, len(tok), progress=False)
     ids = torch.tensor([5, tok.eos_token_id, 7])
     assert model.contexts(ids, [tok.bos_token_id, tok.eos_token_id]).tolist() == [5, model.start, 7]
+
+
+def test_joined_sources_count_as_the_sum_of_their_parts(tok, corpus, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": t.strip()}) for t in DOCS[::-1]))
+    a = bigram.count(corpus, tok, len(tok), progress=False)
+    b = bigram.count(str(other), tok, len(tok), progress=False)
+    both = bigram.count(f"{corpus},{other}", tok, len(tok), progress=False)
+    everything = torch.arange(len(tok))
+    for prev in (tok.eos_token_id, a.start, tok(" the", add_special_tokens=False)["input_ids"][0]):
+        row = torch.full((len(tok),), prev)
+        joined = both.prob(row, everything) * both.row_total[prev]
+        parts = a.prob(row, everything) * a.row_total[prev] + b.prob(row, everything) * b.row_total[prev]
+        torch.testing.assert_close(joined, parts)
+    assert both.n_tokens == a.n_tokens + b.n_tokens
+
+
+def test_a_missing_source_is_one_line(tok, tmp_path):
+    missing = str(tmp_path / "nope.txt")
+    with pytest.raises(ValueError) as err:
+        bigram.bigram_model(missing, tok, len(tok), progress=False)
+    assert (
+        str(err.value)
+        == f"text source '{missing}' not found: pass a .txt/.jsonl/.json/.parquet file or hf:<dataset>"
+    )
