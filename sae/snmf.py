@@ -82,7 +82,10 @@ def as_matrix(A, what: str = "data") -> Tensor:
 
 def check_finite(A: Tensor, what: str = "the data") -> None:
     """Raise SNMFError naming how many NaN and Inf values A holds."""
-    n_nan, n_inf = int(torch.isnan(A).sum()), int(torch.isinf(A).sum())
+    nonfinite(int(torch.isnan(A).sum()), int(torch.isinf(A).sum()), what)
+
+
+def nonfinite(n_nan: int, n_inf: int, what: str = "the data") -> None:
     if n_nan or n_inf:
         raise SNMFError(f"{what} holds {n_nan} NaN and {n_inf} Inf values; SNMF needs finite activations")
 
@@ -349,6 +352,17 @@ class SNMF(BaseEstimator):
             raise SNMFError(f"this SNMF was fitted on rows of {F.shape[0]} neurons, got rows of {A.shape[1]}")
         check_finite(A)
         return solve_coef(A, F.to(A.device), COEF_MAX_ITER, COEF_RTOL)[0]
+
+    def fit_stream(
+        self, batches, device=None, g_steps: int = 1, progress: Progress | bool | None = None
+    ) -> SNMF:
+        """Fit from a zero-argument callable `batches()` that yields the same row blocks
+        [n_b, d_mlp] in the same order on every call (e.g. `snmf_stream.store_batches(store, site)`),
+        one pass per iteration, holding only G and the sufficient statistics in memory; `device`
+        defaults to the first block's. The algorithm: `workbench.sae.snmf_stream`."""
+        from workbench.sae.snmf_stream import fit_stream
+
+        return fit_stream(self, batches, device, g_steps, progress)
 
     def fit_transform(self, A, y=None, progress: Progress | bool | None = None) -> Tensor:
         """fit(A), then the training coefficients coef_."""
