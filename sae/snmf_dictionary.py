@@ -45,7 +45,11 @@ class SNMFSAE(SAE[SNMFSAEConfig]):
         sae_in = self.process_sae_in(x)
         flat = sae_in.reshape(-1, sae_in.shape[-1])
         G, _ = solve_coef(
-            flat, self.W_dec.T.to(flat.dtype), COEF_MAX_ITER, COEF_RTOL, chunk=max(len(flat), 1)
+            flat.detach(),
+            self.W_dec.detach().T.to(flat.dtype),
+            COEF_MAX_ITER,
+            COEF_RTOL,
+            chunk=max(len(flat), 1),
         )
         return self.hook_sae_acts_post(G.reshape(*sae_in.shape[:-1], -1))
 

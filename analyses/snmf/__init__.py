@@ -48,9 +48,9 @@ class SNMFConfig:
     max_iter: int = 300
     """Most iterations."""
     patience: int = 50
-    """Stop after this many iterations without a loss improvement larger than tol (relative)."""
+    """Stop after this many iterations without a loss decrease larger than tol."""
     tol: float = 1e-4
-    """Improvement threshold of the patience counter."""
+    """Absolute loss decrease that resets the patience counter (the paper's 1e-4)."""
     n_tokens: int = 20000
     """Store rows fitted (the first ones, BOS excluded); 0 = all (the fit is full-batch: n × d_mlp floats)."""
     seed: int = 0
@@ -169,3 +169,6 @@ def save(est: SNMF, store, site: str, cfg: SNMFConfig, ctx: Context) -> str:
 
     sae = to_dictionary(est.components_, metadata(store, site, cfg, float(est.loss_)))
     return str(save_dictionary(sae, dictionaries_dir() / ctx.work_dir.name))
+
+
+from workbench.analyses.snmf import steering as _steering  # noqa: E402, F401  (registers snmf-steering)
