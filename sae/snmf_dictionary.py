@@ -46,7 +46,7 @@ class SNMFSAE(SAE[SNMFSAEConfig]):
         flat = sae_in.reshape(-1, sae_in.shape[-1])
         G, _ = solve_coef(
             flat.detach(),
-            self.W_dec.detach().T.to(flat.dtype),
+            self.W_dec.detach().T.contiguous().to(flat.dtype),
             COEF_MAX_ITER,
             COEF_RTOL,
             chunk=max(len(flat), 1),

@@ -71,6 +71,17 @@ EXAMPLES = {
     },
     # train one dictionary first (its path is truthy), then compare the dictionaries on its site
     "compare-dictionaries": lambda env: {"site": env.dictionary() and SITE},
+    "snmf": lambda env: {"store": env.store, "site": SITE, "rank": 4, "n_tokens": 200, "max_iter": 20},
+    # the SNMF fit and a trained SAE on the same site; the tiny model's KL saturates near 0.02
+    "snmf-steering": lambda env: {
+        "snmf": api.run("snmf", **EXAMPLES["snmf"](env)).dictionary,
+        "dictionary": env.dictionary(),
+        "model": env.model,
+        "concepts": "food",
+        "targets": "0.002,0.005",
+        "generate_kl": 0.005,
+        "n_new": 3,
+    },
 }
 
 
