@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workbench.sae import ddp
 from workbench.sae.archs import post_step
 from workbench.sae.data import StoreStream
 
@@ -182,19 +183,27 @@ def train(
     trainer, ckpt = make_trainer(sae, loop), Checkpointer(Path(work_dir))
     start, elapsed, curves, latents = _resume(trainer, ckpt, identity)
     stream = make_stream(start)
+    par = ddp.current()  # under torchrun: this rank's slice of each batch, gradients averaged
+    if par is not None:
+        ddp.check_batch(loop.batch_size, par.world)
+        par.attach(sae)
+        stream, show_bar = par.slices(stream), show_bar and par.leader
     desc = f"train {sae.cfg.architecture()}"
     bar = tqdm(total=loop.steps, initial=start, unit="step", desc=desc, disable=not show_bar)
     t0 = time.perf_counter() - elapsed
     tick, step, consistent = time.perf_counter(), start, True
 
-    def save() -> None:
+    def save(sync: bool = True) -> None:
         state = {
             "step": step,
             "seconds": time.perf_counter() - t0,
             "identity": identity,
             "loop": asdict(loop),
         }
-        ckpt.save(trainer, state, curves, latents)
+        if par is None or par.leader:  # one writer; the others wait so a resume finds it whole
+            ckpt.save(trainer, state, curves, latents)
+        if par is not None and sync:
+            par.barrier()
 
     try:
         while step < loop.steps:
@@ -202,8 +211,11 @@ def train(
             dead = trainer.dead_neurons.clone()  # the mask AuxK trains on in this step
             out = trainer.step(next(stream))
             trainer.n_training_steps += 1
+            fired = out.feature_acts.detach().bool().any(0)
+            if par is not None:
+                fired = par.sync_dead_counters(trainer, fired)
             latents["ever_dead"] |= dead
-            latents["revived"] |= dead & out.feature_acts.detach().bool().any(0)
+            latents["revived"] |= dead & fired
             post_step(sae)
             step, consistent = step + 1, True
             if step % loop.log_every == 0 or step == loop.steps:
@@ -222,10 +234,12 @@ def train(
                 return None
     except KeyboardInterrupt:
         if consistent:  # otherwise the last periodic checkpoint stands
-            save()
+            save(sync=False)
         raise
     finally:
         bar.close()
+    if par is not None and not par.leader:
+        raise ddp.RankDone
     seconds = time.perf_counter() - t0
     curves_t = {k: torch.tensor(v) for k, v in curves.items()}
     return TrainOutcome(sae, curves_t, step, seconds, start, latents["ever_dead"], latents["revived"])
