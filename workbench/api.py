@@ -44,6 +44,8 @@ __all__ = [
     "open_store",
     "list_stores",
     "load_model",
+    "load_mask",
+    "masked",
     "capture",
     "run",
     "load",
@@ -193,6 +195,24 @@ def load(key: str, results: ResultsCache | None = None) -> analysis.Result:
     if entry is None:
         raise KeyError(f"no cached result {key[:12]}")
     return _result_of(analysis.get(entry.meta["analysis"]), entry)
+
+
+def load_mask(path: str | Path, model: str | None = None):
+    """A saved weight mask (`workbench.masks.MaskSet`), checked against the pooled model it was
+    trained on (`model`: the key recorded in the file unless given)."""
+    from workbench import masks
+
+    key = model or masks.read_mask(path).meta["model_key"]
+    return masks.load_mask(path, load_model(key))
+
+
+def masked(path: str | Path, model: str | None = None):
+    """`with wb.masked("mask.safetensors") as model:` the pooled model with the saved mask applied
+    (raw weights times the mask) inside the block only; its own weights are never changed."""
+    from workbench import masks
+
+    key = model or masks.read_mask(path).meta["model_key"]
+    return masks.apply_mask(load_model(key), load_mask(path, key))
 
 
 load_preset = manage.load_preset
