@@ -127,6 +127,9 @@ def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
 
     D, how = directions(load_dictionary(dictionary), model, site)
     logits = logits_and_neighbors(D, model, cfg.rank, F.T)
+    # no NaN in a result (NaN != NaN breaks equality of cached copies): missing neighbours (rank < 8)
+    # and missing logits (no output direction) keep id -1 and value 0
+    logits = {k: v.nan_to_num(0.0) if v.is_floating_point() else v for k, v in logits.items()}
     used = torch.cat(
         [
             ctxs["ctx_tokens"].flatten(),
