@@ -1,16 +1,18 @@
 """The Bigram subnetworks page (Streamlit AppTest): a cached result's numbers, figures and ablation
 table; the empty state."""
 
+import importlib
 from pathlib import Path
 
 import torch
 from conftest import TINYSTORIES
 
 from workbench import analysis, api, bigram
-from workbench.analyses.bigram import evaluate as ev
 from workbench.analyses.bigram.result import BigramResult
 from workbench.masks import MaskSet, maskable
 
+# the package re-exports the function `evaluate`, which hides the module of that name
+ev = importlib.import_module("workbench.analyses.bigram.evaluate")
 APP = Path(__file__).resolve().parents[1] / "app_pages" / "main.py"
 NAME = "bigram-subnetwork"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import numpy as np
@@ -10,8 +11,10 @@ import torch
 from conftest import WIKITEXT
 
 from workbench import bigram, data
-from workbench.analyses.bigram import evaluate as ev
 from workbench.masks import MaskSet, apply_mask, maskable
+
+# the package re-exports the function `evaluate`, which hides the module of that name
+ev = importlib.import_module("workbench.analyses.bigram.evaluate")
 
 
 @pytest.fixture(scope="module")
