@@ -293,7 +293,15 @@ _LENS = (
 _UNITS = ("unit_activations", "dictionary_store")
 
 
+# Steering vectors calibrated to a target KL, for the steering playground (workbench/steering.py).
+_STEERING = ("steer_text", "KL_TARGETS", "SteeringError")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _STEERING:
+        from workbench import steering
+
+        return getattr(steering, name)
     if name in _LENS:
         from workbench import lens
 

@@ -220,3 +220,37 @@ def generate(
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
+
+
+def open_prompts() -> list[str]:
+    """The project's 10 open steering prompts (workbench/resources/concepts/prompts.json)."""
+    import json
+    from importlib import resources
+
+    text = resources.files("workbench.resources").joinpath("concepts").joinpath("prompts.json").read_text()
+    return list(json.loads(text)["prompts"])
+
+
+def steer_text(
+    model,
+    direction: torch.Tensor,
+    site: str,
+    target_kl: float,
+    prompt: str,
+    sign: int = 1,
+    n_new: int = 20,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> dict:
+    """Plain and steered continuations of `prompt`, side by side, with α calibrated to `target_kl`
+    on the prompt plus the open prompts (KL over every position). For the app's steering playground."""
+    if not prompt.strip():
+        raise SteeringError("type a prompt first")
+    cal = calibrate_alpha(model, [prompt, *open_prompts()], direction, site, target_kl, sign)
+    return {
+        "alpha": cal.alpha,
+        "kl": cal.kl,
+        "reached": cal.ok,
+        "plain": generate(model, prompt, n_new, temperature=temperature, seed=seed),
+        "steered": generate(model, prompt, n_new, site, direction, cal.alpha, temperature, seed),
+    }
