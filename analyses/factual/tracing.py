@@ -9,12 +9,16 @@ TE = P_clean - P_corrupted. The severed variant restores a hidden state while th
 attention) outputs at the subject tokens stay at their corrupted values in every layer.
 
 Many states go through one forward pass: row block i of a batch restores state i (one row per
-noise draw). `reference_probs` is the one-state-per-forward loop of the paper's code.
+noise draw). Below the earliest layer a batch edits, every row is the corrupted run, so the pass
+carries only the `samples` corrupted rows up to that block's input and widens to every state's rows
+there (`trace` orders states by that layer so a pass starts as late as it can).
+`reference_probs` is the one-state-per-forward loop of the paper's code.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +33,7 @@ HOOKS = {
 }
 SEVER = ("mlp", "attn")
 EMBED = "hook_embed"
+BLOCK_IN = "blocks.{}.hook_resid_pre"
 FINAL = "ln_final.hook_out"
 
 
@@ -66,7 +71,9 @@ class Tracer:
         self.samples, self.window = samples, window
         n_layers = model.cfg.n_layers
         names = [HOOKS[k].format(layer) for k in KINDS for layer in range(n_layers)]
+        names += [BLOCK_IN.format(layer) for layer in range(n_layers)]
         self.points = hook_points(model, names + [EMBED, FINAL])
+        self._state_hooks = {HOOKS[k].format(layer) for k in KINDS for layer in range(n_layers)}
         gen = torch.Generator().manual_seed(seed)
         d_model = model.cfg.d_model
         self.noise = (noise * torch.randn(samples, end - start, d_model, generator=gen)).to(tokens.device)
@@ -84,7 +91,7 @@ class Tracer:
 
             return hook
 
-        fwd = [(n, keep(n)) for n in self.points if n not in (EMBED, FINAL)]
+        fwd = [(n, keep(n)) for n in self.points if n in self._state_hooks]
         if corrupt:
             fwd.append((EMBED, self._corrupt_embed(batch.shape[0])))
         probs = self._forward(batch, fwd)
@@ -107,8 +114,11 @@ class Tracer:
 
     @torch.no_grad()
     def probs(self, states: list[State]) -> torch.Tensor:
-        """P(target) averaged over the noise draws, for each state, all in one forward pass."""
-        rows = len(states) * self.samples
+        """P(target) averaged over the noise draws, for each state, all in one forward pass.
+
+        The pass runs `samples` corrupted rows up to block `first_edit(states)` and widens there
+        to one row block per state; edits below a state's own layers are no-ops (its rows are the
+        corrupted run), so severing starts at the restored layer."""
         edits: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         subject = torch.arange(self.start, self.end)
         draws = torch.arange(self.samples)
@@ -120,14 +130,31 @@ class Tracer:
                 value = self.clean[name][s.pos].expand(self.samples, -1)
                 edits.setdefault(name, []).append((block, torch.full_like(block, s.pos), value))
             if s.sever:
-                for layer in range(n_layers):
+                for layer in range(s.layer, n_layers):
                     name = HOOKS[s.sever].format(layer)
                     r, p = block[:, None].expand(-1, len(subject)), subject.expand(self.samples, -1)
                     value = self.corrupted[name][draws[:, None], subject[None]]
                     edits.setdefault(name, []).append((r.flatten(), p.flatten(), value.flatten(0, 1)))
-        fwd = [(EMBED, self._corrupt_embed(rows))] + [(n, _setter(e)) for n, e in edits.items()]
-        batch = self.tokens[None].expand(rows, -1)
+        widen = (BLOCK_IN.format(first_edit(states, self.window, n_layers)), _widen(len(states)))
+        fwd = [(EMBED, self._corrupt_embed(self.samples)), widen] + [
+            (n, _setter(e)) for n, e in edits.items()
+        ]
+        batch = self.tokens[None].expand(self.samples, -1)
         return self._forward(batch, fwd).view(len(states), self.samples).mean(1)
+
+
+def first_edit(states: Iterable[State], window: int, n_layers: int) -> int:
+    """The lowest block whose output any of `states` edits (severing starts at the restored layer)."""
+    return min(layers_of(s.kind, s.layer, window, n_layers)[0] for s in states)
+
+
+def _widen(copies: int) -> Callable:
+    """A hook repeating the `samples` corrupted rows into one row block per state."""
+
+    def hook(x, hook):
+        return x.repeat(copies, *([1] * (x.dim() - 1)))
+
+    return hook
 
 
 def last_logits(model, batch, fwd, points: dict | None = None) -> torch.Tensor:
@@ -140,11 +167,31 @@ def last_logits(model, batch, fwd, points: dict | None = None) -> torch.Tensor:
         raise _Stop
 
     try:
-        with hooked(model, fwd=[*fwd, (FINAL, stop)], points=points):
+        with hooked(model, fwd=[*fwd, (FINAL, stop)], points=points), _masks_follow_rows(model):
             model(batch, return_type="logits")
     except _Stop:
         pass
     return final[0] @ model.W_U + model.b_U
+
+
+@contextmanager
+def _masks_follow_rows(model):
+    """Let a hook widen the batch mid-forward: the attention mask the model built for the input's
+    rows (identical rows: the prompts are unpadded) is repeated to the rows each attention sees."""
+
+    def widen(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and torch.is_tensor(x) and 1 < mask.shape[0] < x.shape[0]:
+            kwargs["attention_mask"] = mask.repeat(x.shape[0] // mask.shape[0], *([1] * (mask.dim() - 1)))
+        return args, kwargs
+
+    handles = [b.attn.register_forward_pre_hook(widen, with_kwargs=True) for b in model.blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _setter(edits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> Callable:
@@ -200,18 +247,55 @@ def type_representatives(start: int, end: int, n_pos: int) -> list[int]:
 
 
 def trace(tracer: Tracer, states: list[State], max_states: int, step: Callable | None = None) -> torch.Tensor:
-    """P(target) for each state, `max_states` states per forward pass."""
-    out = []
-    for i in range(0, len(states), max_states):
-        out.append(tracer.probs(states[i : i + max_states]))
+    """P(target) for each state, `max_states` states per forward pass; states go in order of the
+    first block they edit, so each pass widens as late as it can (returned in the input order)."""
+    n_layers, window = tracer.model.cfg.n_layers, tracer.window
+    order = sorted(range(len(states)), key=lambda i: first_edit([states[i]], window, n_layers))
+    out = torch.zeros(len(states))
+    for i in range(0, len(order), max_states):
+        chunk = order[i : i + max_states]
+        out[chunk] = tracer.probs([states[j] for j in chunk])
         if step:
             step()
-    return torch.cat(out) if out else torch.zeros(0)
+    return out
 
 
 def reference_probs(tracer: Tracer, states: Iterable[State]) -> torch.Tensor:
-    """The paper's loop: one forward pass (of `samples` corrupted rows) per restored state."""
-    return torch.stack([tracer.probs([s])[0] for s in states])
+    """The paper's loop, written independently of `Tracer.probs`: per restored state, one full
+    forward pass of the `samples` corrupted rows from the embeddings, the clean value written at
+    the state's layers and, when severed, the corrupted outputs frozen at every layer."""
+    out = []
+    n_layers, subject = tracer.model.cfg.n_layers, slice(tracer.start, tracer.end)
+    for s in states:
+        fwd = [(EMBED, tracer._corrupt_embed(tracer.samples))]
+        for layer in layers_of(s.kind, s.layer, tracer.window, n_layers):
+            fwd.append(
+                (HOOKS[s.kind].format(layer), _restore(tracer.clean[HOOKS[s.kind].format(layer)], s.pos))
+            )
+        for layer in range(n_layers) if s.sever else ():
+            name = HOOKS[s.sever].format(layer)
+            fwd.append((name, _freeze(tracer.corrupted[name], subject)))
+        batch = tracer.tokens[None].expand(tracer.samples, -1)
+        out.append(tracer._forward(batch, fwd).mean())
+    return torch.stack(out)
+
+
+def _restore(clean: torch.Tensor, pos: int) -> Callable:
+    def hook(x, hook):
+        x = x.clone()
+        x[:, pos] = clean[pos].to(x.dtype)
+        return x
+
+    return hook
+
+
+def _freeze(corrupted: torch.Tensor, subject: slice) -> Callable:
+    def hook(x, hook):
+        x = x.clone()
+        x[:, subject] = corrupted[:, subject].to(x.dtype)
+        return x
+
+    return hook
 
 
 def to_maps(tracer: Tracer, states: list[State], probs: torch.Tensor, severed: bool) -> torch.Tensor:
