@@ -69,6 +69,17 @@ EXAMPLES = {
         "samples": 2,
         "max_batch_tokens": 512,
     },
+    # trains a mask for 3 steps on WikiText (bigram counts of the same text), then evaluates it
+    "bigram-subnetwork": lambda env: {
+        "model": env.model,
+        "data": env.data,
+        "steps": 3,
+        "batch_size": 2,
+        "ctx_len": 16,
+        "train_seqs": 8,
+        "eval_seqs": 2,
+        "checkpoint_every": 2,
+    },
     # train one dictionary first (its path is truthy), then compare the dictionaries on its site
     "compare-dictionaries": lambda env: {"site": env.dictionary() and SITE},
     "snmf": lambda env: {"store": env.store, "site": SITE, "rank": 4, "n_tokens": 200, "max_iter": 20},
