@@ -33,13 +33,19 @@ def _surprisal(model, tokens, vocab):
     return -log_q[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1), log_q
 
 
-def test_held_out_tokens_are_the_packed_sequences_after_the_training_ones(tiny_model):
+def test_held_out_tokens_are_the_packed_sequences_after_the_training_ones(tiny_model, tmp_path):
     tok = tiny_model.tokenizer
     got = ev.held_out_tokens(str(WIKITEXT), tok, 24, "prepend", skip_seqs=3, n_seqs=5)
     want = [s.tokens for s in itertools.islice(data.pack(str(WIKITEXT), tok, 24, "prepend"), 3, 8)]
     assert got.tolist() == want
-    with pytest.raises(ValueError, match="the held-out text needs 10000000 after the 3 training ones"):
-        ev.held_out_tokens(str(WIKITEXT), tok, 24, "prepend", skip_seqs=3, n_seqs=10_000_000)
+    short = tmp_path / "short.txt"
+    short.write_text("one two three four five six seven eight nine ten " * 6)  # 61 tokens: 2 sequences
+    with pytest.raises(ValueError) as err:
+        ev.held_out_tokens(str(short), tok, 24, "prepend", skip_seqs=1, n_seqs=5)
+    assert str(err.value) == (
+        f"text source {short} has 2 sequences of 24 tokens; the held-out text needs 5 after the 1 training "
+        "ones: pass fewer eval tokens or more text"
+    )
 
 
 def test_evaluation_equals_an_independent_computation(setup):
