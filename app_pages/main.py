@@ -25,6 +25,8 @@ PAGES = [
     st.Page(HERE / "patching.py", title="Patching", icon=":material/compare_arrows:"),
     st.Page(HERE / "factual.py", title="Factual recall", icon=":material/lightbulb:"),
     st.Page(HERE / "bigram.py", title="Bigram subnetworks", icon=":material/account_tree:"),
+    st.Page(HERE / "snmf.py", title="SNMF features", icon=":material/join_inner:"),
+    st.Page(HERE / "steering.py", title="Steering playground", icon=":material/tune:"),
 ]
 
 st.navigation(PAGES).run()
