@@ -64,6 +64,11 @@ with ui.guard("cannot show this result"):
     )
     st.caption(f"{r.rows_note}. Density: {r.density_rule}.")
     ui.show_result(key)
+    if r.tree:
+        st.markdown(
+            f"**Concept tree** (Hierarchical SNMF, ranks {' > '.join(map(str, r.tree_ranks))}; features = level 1)"
+        )
+        st.dataframe(r.tree_rows(), hide_index=True)
     k = st.selectbox(
         "Feature", range(r.rank), format_func=lambda i: f"f{i} · density {float(r.density[i]):.3f}"
     )

@@ -146,3 +146,17 @@ def test_concept_sets_and_token_ids(tiny_model):
     last = torch.tensor([4, 2])
     expected = (lp[0, 4, [3, 7]].exp().sum() + lp[1, 2, [3, 7]].exp().sum()) / 2
     assert cs.concept_prob(lp, last, [3, 7]) == pytest.approx(float(expected))
+
+
+def test_hierarchical_fit_gives_the_concept_tree(tiny_store):
+    pytest.importorskip("workbench.sae.snmf_tree")
+    from workbench.sae.io import load_dictionary
+
+    store = tiny_store((SITE,), 256)
+    r = api.run("snmf", store=str(store.root), rank=6, tree_ranks="3", n_tokens=200, max_iter=20)
+    assert r.tree_ranks == [6, 3] and [n["feature"] for n in r.tree] == [0, 1, 2]
+    assert all(n["level"] == 2 and all(0 <= c["feature"] < 6 for c in n["children"]) for n in r.tree)
+    assert set(r.tree_labels) == {"2:0", "2:1", "2:2"} and len(r.tree_rows()) == 3
+    assert load_dictionary(r.dictionary).cfg.d_sae == 6  # level 1 is the dictionary
+    with pytest.raises(ValueError, match="tree_ranks must decrease below rank 6"):
+        api.run("snmf", store=str(store.root), rank=6, tree_ranks="8")

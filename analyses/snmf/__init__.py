@@ -20,7 +20,7 @@ import torch
 
 from workbench.analyses.dashboards.compute import directions, logits_and_neighbors
 from workbench.analyses.dashboards.logits import NOTE as LOGIT_NOTE
-from workbench.analyses.snmf import features
+from workbench.analyses.snmf import features, tree
 from workbench.analyses.snmf.result import SNMFResult
 from workbench.analysis import register
 from workbench.context import Context
@@ -63,9 +63,13 @@ class SNMFConfig:
     """Context tokens shown before the activating token."""
     window_after: int = 4
     """Context tokens shown after the activating token."""
+    tree_ranks: str = ""
+    """Coarser ranks for Hierarchical SNMF, decreasing below rank (e.g. '20,5'): the features are then
+    level 1 of the end-to-end fine-tuned hierarchy and the result holds the concept tree; empty = one flat fit."""
 
     def __post_init__(self):
         check_params(self.rank, self.sparsity, self.init, self.max_iter, self.patience, self.tol)
+        tree.parse_ranks(self.rank, self.tree_ranks)
 
 
 def _site(cfg: SNMFConfig, store) -> str:
@@ -102,7 +106,7 @@ def metadata(store, site: str, cfg: SNMFConfig, loss: float) -> dict:
     return meta
 
 
-@register("snmf", version=1)
+@register("snmf", version=2)
 def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
     """SNMF features of an MLP site: top contexts, neurons, vocabulary projection, density; saved as a dictionary."""
     if not cfg.store:
@@ -113,16 +117,14 @@ def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
     check_rank(cfg.rank, *A.shape)  # before the model loads
     model_key = cfg.model or store.config["model"]
     model = ctx.model(model_key, store.config.get("processing", "raw"))
-    est = SNMF(cfg.rank, cfg.sparsity, cfg.init, cfg.max_iter, cfg.patience, cfg.tol, cfg.seed)
-    est.fit(A, progress=ctx.progress)
-    F, G = est.components_.float(), est.coef_.float()
+    F, G, fit, hier = _fit(A, cfg, ctx)
     total = float((A - A.mean(0)).pow(2).sum())
     token_ids = store.token_ids()
     ctxs = features.top_contexts(
         G, rows, token_ids, store.config["ctx_len"], cfg.n_top, cfg.window_before, cfg.window_after
     )
     neuron_ids, neuron_weights = features.top_neurons(F, cfg.n_neurons)
-    dictionary = save(est, store, site, cfg, ctx)
+    dictionary = save(F, fit["loss"], store, site, cfg, ctx)
     from workbench.sae.io import load_dictionary
 
     D, how = directions(load_dictionary(dictionary), model, site)
@@ -137,6 +139,8 @@ def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
             logits["bottom_logit_ids"].flatten(),
         ]
     )
+    tree_labels = tree.labels(hier, model, layer_of(site)) if hier is not None else {}
+    used = torch.cat([used, torch.tensor([t for ids in tree_labels.values() for t in ids], dtype=torch.long)])
     decoded = {str(int(t)): model.tokenizer.decode([int(t)]) for t in used.unique() if t >= 0}
     return SNMFResult(
         site=site,
@@ -151,12 +155,15 @@ def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
         rows_note="fitted rows: the store's first n_tokens real tokens, BOS (position 0) excluded as in the paper",
         density_rule=features.DENSITY_RULE,
         logit_note=f"{how}; {LOGIT_NOTE}" if D is not None else how,
-        loss=float(est.loss_),
-        fvu=float(est.loss_) / max(total, 1e-30),
-        n_iter=int(est.n_iter_),
+        loss=fit["loss"],
+        fvu=fit["loss"] / max(total, 1e-30),
+        n_iter=len(fit["curve"]),
         decoded=decoded,
         window_before=cfg.window_before,
-        loss_curve=torch.tensor(est.loss_curve_, dtype=torch.float64),
+        tree_ranks=hier.ranks if hier is not None else [],
+        tree=hier.tree() if hier is not None else [],
+        tree_labels=tree_labels,
+        loss_curve=torch.tensor(fit["curve"], dtype=torch.float64),
         neuron_ids=neuron_ids,
         neuron_weights=neuron_weights,
         **ctxs,
@@ -165,12 +172,26 @@ def run(cfg: SNMFConfig, ctx: Context) -> SNMFResult:
     )
 
 
-def save(est: SNMF, store, site: str, cfg: SNMFConfig, ctx: Context) -> str:
+def _fit(A: torch.Tensor, cfg: SNMFConfig, ctx: Context):
+    """(F [d_mlp, rank], G [n, rank] ≥ 0, {loss, curve}, the SNMFTree or None).
+
+    Flat: the SNMF loss per iteration. Hierarchical: the fine-tuning's MSE per Adam step."""
+    params = {"sparsity": cfg.sparsity, "init": cfg.init, "max_iter": cfg.max_iter}
+    params |= {"patience": cfg.patience, "tol": cfg.tol, "seed": cfg.seed}
+    if cfg.tree_ranks:
+        F, G, hier = tree.fit_tree(A, tree.parse_ranks(cfg.rank, cfg.tree_ranks), params)
+        return F, G, {"loss": float(hier.loss), "curve": list(hier.finetune_curve)}, hier
+    est = SNMF(cfg.rank, **params).fit(A, progress=ctx.progress)
+    fit = {"loss": float(est.loss_), "curve": list(est.loss_curve_)}
+    return est.components_.float(), est.coef_.float(), fit, None
+
+
+def save(F: torch.Tensor, loss: float, store, site: str, cfg: SNMFConfig, ctx: Context) -> str:
     """The fit as a SAELens folder under $WORKBENCH_HOME/dictionaries/<this run's key>."""
     from workbench.sae.io import dictionaries_dir, save_dictionary
     from workbench.sae.snmf_dictionary import to_dictionary
 
-    sae = to_dictionary(est.components_, metadata(store, site, cfg, float(est.loss_)))
+    sae = to_dictionary(F, metadata(store, site, cfg, loss))
     return str(save_dictionary(sae, dictionaries_dir() / ctx.work_dir.name))
 
 

@@ -34,6 +34,12 @@ class SNMFResult(Result):
     n_iter: int
     decoded: dict[str, str]
     window_before: int
+    tree_ranks: list[int]
+    """[r1, r2, …] of a hierarchical fit (features = level 1); [] for a flat fit."""
+    tree: list[dict]
+    """Concept tree edges (sae.snmf_tree.SNMFTree.tree): per coarse feature, the finer ones reusing it."""
+    tree_labels: dict[str, list[int]]
+    """'level:feature' -> top promoted token ids of each coarse feature."""
     loss_curve: torch.Tensor  # [n_iter] float64
     neuron_ids: torch.Tensor  # [rank, n_neurons]
     neuron_weights: torch.Tensor  # [rank, n_neurons] signed F entries
@@ -68,6 +74,23 @@ class SNMFResult(Result):
         """The activating token of context j (at window_before in the window)."""
         t = int(self.ctx_tokens[k, j, self.window_before])
         return self.token(t) if t >= 0 else ""
+
+    def tree_rows(self) -> list[dict[str, Any]]:
+        """One row per coarse feature: its level, its top tokens and the finer features reusing it (share)."""
+        rows = []
+        for node in self.tree:
+            ids = self.tree_labels.get(f"{node['level']}:{node['feature']}", [])
+            rows.append(
+                {
+                    "level": node["level"],
+                    "feature": node["feature"],
+                    "promotes": " ".join(self.token(t) for t in ids),
+                    "reused by": ", ".join(
+                        f"L{node['level'] - 1} f{c['feature']} ({c['share']:.2f})" for c in node["children"]
+                    ),
+                }
+            )
+        return rows
 
     def summary(self) -> list[dict[str, Any]]:
         rows = []
