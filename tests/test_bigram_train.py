@@ -181,3 +181,26 @@ def test_cli_refuses_negative_lambda_in_one_line(monkeypatch):
     assert out.output.strip().splitlines()[-1] == (
         "error: lam must be >= 0 (the size penalty's weight; the paper's default is 10), got -0.5"
     )
+
+
+def test_run_saves_a_mask_that_loads_in_one_call_and_leaves_the_model_as_it_was(
+    tiny_model, tiny_model_dir, wikitext
+):
+    import workbench as wb
+    from workbench.context import POOL
+
+    POOL.put(tiny_model)
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    options = dict(model=str(tiny_model_dir), data=wikitext, steps=3, batch_size=2, ctx_len=16)
+    result = wb.run("bigram-subnetwork", train_seqs=6, eval_seqs=2, similarity=False, **options)
+    assert result.training["steps_done"] == 3 and len(result.curves["loss"]) == 1
+    mask = wb.load_mask(result.mask_path)  # the model key is read from the file
+    assert mask.kept() == result.n_kept and mask.meta["lam"] == "10.0"
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+    again = wb.run(
+        "bigram-subnetwork", mask=result.mask_path, train_seqs=6, eval_seqs=2, similarity=False, **options
+    )
+    assert again.n_kept == result.n_kept and again.training == {}
+    assert again.ablation[1]["mean_surprisal"] == pytest.approx(
+        result.ablation[1]["mean_surprisal"], abs=1e-5
+    )
