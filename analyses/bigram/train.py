@@ -74,17 +74,17 @@ class MaskLogits:
     def __init__(self, weights: dict[str, Tensor]):
         self.names = list(weights)
         self.shapes = {n: tuple(w.shape) for n, w in weights.items()}
-        sizes = [weights[n].numel() for n in self.names]
+        self.sizes = {n: weights[n].numel() for n in self.names}
+        sizes = list(self.sizes.values())
         self.offsets = dict(zip(self.names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
         self.n = sum(sizes)
         flat = torch.cat([(weights[n].detach() == 0).flatten() for n in self.names])
         self.s = torch.nn.Parameter(torch.where(flat, DROPPED, 0.0).float())
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
+        """name -> [out, in] view of `flat` (the logits, or σ(T·s)), no copy."""
         return {
-            n: flat[self.offsets[n] : self.offsets[n] + flat.new_empty(self.shapes[n]).numel()].view(
-                self.shapes[n]
-            )
+            n: flat[self.offsets[n] : self.offsets[n] + self.sizes[n]].view(self.shapes[n])
             for n in self.names
         }
 
