@@ -1,8 +1,7 @@
-"""The real SNMF run behind data/snmf_notes.md (Analysis and steering sections), in two stages that
-each fit in one heavy-lock slot (~10 min on 2 CPU cores):
+"""The real SNMF run behind data/snmf_notes.md (Analysis and steering sections), ~10 min on 2 CPU cores:
 
-    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py fit    # store, SNMF, TopK SAE
-    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py steer  # the comparison
+    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py fit    # store, SNMF, TopK SAE, comparison
+    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py steer  # the comparison alone
 
 Each stage is the CLI's analyses through `workbench.api` (cached: a rerun is a cache hit) and prints
 what the notes quote: example features (contexts, vocabulary projection) and the comparison table.
@@ -24,7 +23,7 @@ SAE = {
     "arch": "topk",
     "d_sae": 3072,
     "k": 16,
-    "steps": 200,
+    "steps": 150,
     "batch_size": 1024,
     "eval_tokens": 2048,
 }
@@ -76,4 +75,4 @@ def steer():
 
 
 if __name__ == "__main__":
-    {"fit": fit, "steer": steer}[sys.argv[1]]()
+    {"fit": lambda: (fit(), steer()), "steer": steer}[sys.argv[1]]()
