@@ -11,7 +11,9 @@ float64 accumulators, memory one shard.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from workbench.firing import fire_threshold, fires, is_signed
 from workbench.inputs import captured, input_field
 from workbench.models import DEFAULT_MODEL
 from workbench.sites import layer_of
+from workbench.store import ActivationStore
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,16 @@ class _Moments:
             self.lo = torch.minimum(self.lo, x.min(0).values.float())
             self.hi = torch.maximum(self.hi, x.max(0).values.float())
 
+    def merge(self, part: _Moments) -> None:
+        """Fold in one shard's moments; in shard order this is the same float arithmetic as
+        adding the shard's rows here (0 + s is s), so a map-reduce run equals the local one."""
+        self.n += part.n
+        self.sums += part.sums
+        self.norm_sum += part.norm_sum
+        self.abs_max = max(self.abs_max, part.abs_max)
+        self.positive += part.positive
+        self.lo, self.hi = torch.minimum(self.lo, part.lo), torch.maximum(self.hi, part.hi)
+
     def threshold(self, fixed: float) -> torch.Tensor:
         """[d] threshold on |a| (firing rule), or the fixed threshold on a when fixed > 0."""
         if fixed > 0:
@@ -151,24 +164,57 @@ def site_kind(site: str) -> str:
     return site.split(".", 2)[2] if layer_of(site) is not None else site
 
 
+def _shard(root: str, site: str, index: int, keep: torch.Tensor) -> torch.Tensor:
+    """[kept rows, ...] of one shard. The store is opened once per process (a Ray worker's too)
+    and again when its manifest changes (a repaired shard has a new checksum)."""
+    manifest = os.stat(Path(root) / "manifest.parquet")
+    key = (root, manifest.st_ino, manifest.st_mtime_ns)
+    if key not in _STORES:
+        _STORES.clear()
+        _STORES[key] = ActivationStore(root)
+    return _STORES[key].shard(site, index)[keep]
+
+
+_STORES: dict[tuple, ActivationStore] = {}
+
+
+def shard_moments(root: str, site: str, index: int, keep: torch.Tensor, d: int) -> _Moments:
+    """Map step of pass 1: one shard's moments and per-dimension range."""
+    part = _Moments(d)
+    part.add(_shard(root, site, index, keep))
+    return part
+
+
+def shard_fires(
+    root: str, site: str, index: int, keep: torch.Tensor, d: int, t: torch.Tensor, fixed: float
+) -> torch.Tensor:
+    """Map step of pass 2: [d] firing counts of one shard against the site's threshold."""
+    part = _Moments(d)
+    part.count(_shard(root, site, index, keep), t, fixed)
+    return part.fires
+
+
 @register("activation-stats", version=2)
 def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
-    """Per-site activation statistics (mean, std, norm, max, fraction > 0, kurtosis, firing rates)."""
+    """Per-site activation statistics (mean, std, norm, max, fraction > 0, kurtosis, firing rates).
+    Two passes of a per-shard map (`ctx.map`, here or on Ray) reduced in shard order."""
     store = ctx.store_or_capture(cfg.store, cfg.capture_config())
     keep = store.positions() != 0 if cfg.skip_bos else torch.ones(store.n_rows, dtype=torch.bool)
     table, firing = [], {}
-    work = [(site, i) for site in store.sites for i in range(store.n_shards(site))]
-    moments = {s: _Moments(int(torch.tensor(store.shape(s)).prod())) for s in store.sites}
-    thresholds: dict[str, torch.Tensor] = {}
-    for step, (site, i) in ctx.progress(list(enumerate(work * 2)), desc="activation-stats"):
-        rec = store.records(site)[i]
-        x = store.shard(site, i)[keep[rec.row_start : rec.row_end]]
-        if step < len(work):  # pass 1: moments and range
-            moments[site].add(x)
-            continue
-        if site not in thresholds:  # pass 2: firing, against the site's range
-            thresholds[site] = moments[site].threshold(cfg.fire_threshold)
-        moments[site].count(x, thresholds[site], cfg.fire_threshold)
+    dims = {s: int(torch.tensor(store.shape(s)).prod()) for s in store.sites}
+    moments = {s: _Moments(d) for s, d in dims.items()}
+    root, needed = str(store.root), [("the store", str(store.root))]
+    work = [
+        (root, site, i, keep[rec.row_start : rec.row_end].clone(), dims[site])  # not a view of all rows
+        for site in store.sites
+        for i, rec in enumerate(store.records(site))
+    ]
+    for item, part in zip(work, ctx.map(shard_moments, work, "activation-stats: moments", needed)):
+        moments[item[1]].merge(part)  # pass 1: moments and range
+    t = {s: moments[s].threshold(cfg.fire_threshold) for s in store.sites}
+    work = [(*item, t[item[1]], cfg.fire_threshold) for item in work]
+    for item, counts in zip(work, ctx.map(shard_fires, work, "activation-stats: firing", needed)):
+        moments[item[1]].fires += counts  # pass 2: firing, against the site's range
     for site in store.sites:
         row = moments[site].row()
         table.append({"site": site, "layer": layer_of(site), "kind": site_kind(site), **row})

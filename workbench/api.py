@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 list_models = models.list_models
+ENGINES = ("local", "ray")  # where captures, sweeps and map-reduce analyses run
 __all__ = [
     "list_models",
     "open_store",
@@ -48,6 +49,7 @@ __all__ = [
     "masked",
     "capture",
     "run",
+    "sweep",
     "load",
     "cached",
     "list_analyses",
@@ -75,19 +77,36 @@ def load_model(key: str = models.DEFAULT_MODEL, processing: str = "raw"):
     return POOL.get(key, processing)
 
 
-def capture(progress: bool | Progress = True, out: str | None = None, **cfg: Any) -> ActivationStore:
+def capture(
+    progress: bool | Progress = True,
+    out: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    workers: int = 2,
+    **cfg: Any,
+) -> ActivationStore:
     """Capture activations (see CaptureConfig for the options); resumes a partial run of the same identity.
 
     Every option and the text source are checked before the model loads; a capture that gets
-    fewer tokens than asked (the text ran out) logs one warning line with both numbers."""
+    fewer tokens than asked (the text ran out) logs one warning line with both numbers.
+    `engine="ray"` splits the shards over `workers` Ray actors, on the cluster at `address` (or
+    one started on this machine); the store is the same (workbench.distributed.ray_capture)."""
     from workbench.capture import capture as _capture
 
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
     config = CaptureConfig(**cfg)
     config.preflight()
     if out is not None:  # a folder that is not ours is refused before the model loads
         from workbench.store_state import check_out_folder
 
         check_out_folder(Path(out))
+    if engine == "ray":
+        from workbench.distributed.ray_capture import capture_on_ray
+
+        store = capture_on_ray(config, out=out, address=address, workers=workers, progress=progress)
+        config.warn_if_short(store.n_rows)
+        return store
     model = load_model(config.model, config.processing)
     config.check_model(model)  # a GGUF key has no config.json before its first load
     store = _capture(config, model=model, out=out, progress=progress)
@@ -140,12 +159,18 @@ def run(
     progress: Progress | None = None,
     results: ResultsCache | None = None,
     explicit: Collection[str] = (),
+    engine: str = "local",
+    address: str | None = None,
     **overrides: Any,
 ) -> analysis.Result:
     """Run an analysis, or return its cached result. A corrupt cache entry is recomputed.
 
     With a store, the capture options come from it; one that differs is an error, and so is one
-    named in `explicit` (options the user typed) even when it equals the default."""
+    named in `explicit` (options the user typed) even when it equals the default.
+    `engine="ray"` runs the analysis's per-shard maps (`Context.map`) as Ray tasks on the
+    cluster at `address`; the result, and so its cache key, is the local one."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
     spec = analysis.get(name)
     cfg = make_config(name, cfg, **overrides)
     cfg = inputs.resolve_captured(cfg, explicit=explicit)  # a store supersedes capture options
@@ -160,12 +185,43 @@ def run(
     start = time.time()
     from workbench.context import Context
 
-    result = spec.fn(cfg, Context(progress=progress, work_dir=paths.home() / "work" / key[:16]))
+    ctx = Context(
+        progress=progress, work_dir=paths.home() / "work" / key[:16], engine=engine, address=address
+    )
+    result = spec.fn(cfg, ctx)
+    if engine == "ray" and not ctx.mapped:
+        log.warning("%s has no per-shard map: it ran in this process, not on Ray", name)
     payload, arrays = result.to_payload()
     meta = _provenance(spec, cfg, time.time() - start)
     results.put(key, config=inputs.canonical_config(cfg), meta=meta, result=payload, arrays=arrays)
     result.cache_key = key
     return result
+
+
+def sweep(
+    name: str,
+    configs: list[dict],
+    engine: str = "local",
+    address: str | None = None,
+    on_done: Any = None,
+) -> list:
+    """Run `name` once per config (e.g. train-sae over several k, widths, layers or archs), each an
+    ordinary cached run: here one after another, or with engine="ray" as Ray tasks on the cluster at
+    `address`. Every config is checked first; `on_done(run)` is called as each finishes (its result
+    is then in the cache). Returns `SweepRun(overrides, key)` in config order."""
+    from workbench.distributed.ray_sweep import SweepRun, check_configs, sweep_on_ray
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got '{engine}'")
+    if engine == "ray":
+        return sweep_on_ray(name, configs, address=address, on_done=on_done)
+    check_configs(name, configs)
+    runs = []
+    for overrides in configs:
+        runs.append(SweepRun(dict(overrides), run(name, **overrides).cache_key))
+        if on_done is not None:
+            on_done(runs[-1])
+    return runs
 
 
 def _cached_result(results: ResultsCache, spec: analysis.AnalysisSpec, key: str) -> analysis.Result | None:

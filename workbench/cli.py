@@ -233,11 +233,30 @@ def _unique_key(prefix: str) -> str:
     return api.cache().resolve(prefix)
 
 
+def _engine_options(unit: str) -> list[click.Option]:
+    """--engine/--address/--workers: run the {unit} as Ray jobs (workbench.distributed)."""
+    return [
+        click.Option(
+            ["--engine"],
+            type=click.Choice(api.ENGINES),
+            default="local",
+            show_default=True,
+            help=f"'ray': run the {unit} as Ray jobs (a shared filesystem holds the store).",
+        ),
+        click.Option(
+            ["--address"],
+            default=None,
+            help="Ray cluster address (host:port or 'auto'); default: start Ray on this machine.",
+        ),
+        click.Option(["--workers"], type=int, default=2, show_default=True, help="Ray workers (one CPU each)."),
+    ]
+
+
 def _capture_command() -> click.Command:
     @_guard
-    def callback(out: str | None, **kwargs):
+    def callback(out: str | None, engine: str, address: str | None, workers: int, **kwargs):
         kwargs["sites"] = tuple(sites.split_patterns(kwargs["sites"]))  # commas inside {a,b} stay
-        store = api.capture(out=out, **kwargs)
+        store = api.capture(out=out, engine=engine, address=address, workers=workers, **kwargs)
         click.echo(f"store: {store.root}  ({store.n_rows} rows, {len(store.sites)} sites)")
 
     params = _options_from(CaptureConfig) + [
@@ -245,7 +264,8 @@ def _capture_command() -> click.Command:
             ["--out"],
             default=None,
             help="Store folder (default: content-addressed under $WORKBENCH_HOME/stores).",
-        )
+        ),
+        *_engine_options("shards"),
     ]
     return click.Command(
         "capture",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,11 +52,15 @@ class Context:
         pool: ModelPool = POOL,
         show_bars: bool = True,
         work_dir: Path | None = None,
+        engine: str = "local",
+        address: str | None = None,
     ):
         self.on_progress = progress
         self.pool = pool
         self.show_bars = show_bars and progress is None
         self._work_dir = work_dir
+        self.engine, self.address = engine, address  # where `map` runs: here, or as Ray tasks
+        self.mapped = False  # whether the analysis used `map` (engine="ray" is moot otherwise)
 
     @property
     def work_dir(self) -> Path:
@@ -85,6 +89,25 @@ class Context:
     def store_or_capture(self, store: str, cfg: CaptureConfig) -> ActivationStore:
         """The store at `store` if given, else a (cached, resumable) capture of `cfg`."""
         return self.store(store) if store else self.capture(cfg)
+
+    def map(
+        self,
+        fn: Callable[..., T],
+        items: list[tuple],
+        desc: str = "",
+        needed: Sequence[tuple[str, str]] = (),
+    ) -> Iterator[T]:
+        """`fn(*item)` for each item, in item order (so a reduction adds in the local order), here
+        or, with engine="ray", as Ray tasks (workbench.distributed.ray_mapreduce); `needed`
+        (label, path) must exist on every Ray node. `fn` must be a module-level function."""
+        self.mapped = True
+        if self.engine == "ray":
+            from workbench.distributed.ray_mapreduce import map_ordered
+
+            results = map_ordered(fn, items, address=self.address, needed=needed)
+        else:
+            results = (fn(*item) for item in items)
+        yield from self.progress(results, total=len(items), desc=desc)
 
     def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
         """Iterate with a tqdm bar (CLI/Jupyter) or the caller's callback (app)."""
