@@ -201,6 +201,7 @@ class FollowStream:
         self.poll_s, self.on_wait = poll_s, on_wait
         self.shards_read: list[int] = []  # in the order consumed (tests, progress)
         self._all_tokens: Tensor | None = None
+        self.n_batches = 0  # batches in the whole pass, known once it has ended
         self.position = start
         self._it = self._iterate(start)
 
@@ -289,7 +290,7 @@ class FollowStream:
                 n += len(parts[-1])
                 shard += 1
             if not parts:
-                return
+                break
             buf = torch.cat(parts)
             buf = buf[torch.randperm(len(buf), generator=gen)]
             n_batches = len(buf) // self.batch_size
@@ -298,3 +299,4 @@ class FollowStream:
                     yield buf[b * self.batch_size : (b + 1) * self.batch_size]
                 index += 1
             carry = buf[n_batches * self.batch_size :]
+        self.n_batches = index

@@ -152,3 +152,41 @@ def test_special_ids_are_left_out(complete):
     assert not (rows[:, None, :] == left_out[None, :, :]).all(-1).any()
     expected = int(((complete.positions() != 0) & (ids != common)).sum())
     assert len(rows) == expected // BATCH * BATCH
+
+
+def test_capture_and_train_equals_training_after_the_capture(tiny_model, tiny_model_dir, wikitext):
+    """Trained while the store fills == trained again on the finished store (same seed): the
+    follow stream's batches do not depend on the capture's speed."""
+    from workbench.capture import CaptureConfig
+    from workbench.sae.follow import capture_and_train, special_ids
+    from workbench.sae.io import load_dictionary
+
+    cfg = CaptureConfig(
+        model=str(tiny_model_dir), sites=(SITE,), data=wikitext, n_tokens=4096, ctx_len=32, shard_tokens=256
+    )
+    live = capture_and_train(cfg, d_sae=128, k=8, batch_size=BATCH, lr=1e-3, model=tiny_model, show_bar=False)
+    assert live.steps == (4096 // 32) * 31 // BATCH  # one pass over the non-BOS rows, by default
+    # the follow pass also leaves out special tokens (document separators): the last steps are a
+    # StoreStream epoch of the finished store
+    one_pass = FollowStream(live.store, [SITE], BATCH, special_ids=special_ids(tiny_model))
+    assert live.follow_batches == len(drain(one_pass)) < live.steps
+    assert live.capture_seconds > 0 and Path(live.dictionary, "cfg.json").exists()
+    first = {k: v.clone() for k, v in load_dictionary(live.dictionary).state_dict().items()}
+    shutil.rmtree(live.dictionary)
+    again = capture_and_train(
+        cfg, d_sae=128, k=8, batch_size=BATCH, lr=1e-3, model=tiny_model, show_bar=False
+    )
+    assert again.store == live.store and again.waited_seconds == 0  # the store was complete
+    second = load_dictionary(again.dictionary).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_capture_and_train_takes_one_site(tiny_model_dir, wikitext):
+    from workbench.capture import CaptureConfig
+    from workbench.sae.follow import capture_and_train
+
+    cfg = CaptureConfig(model=str(tiny_model_dir), sites=(SITE, "blocks.0.hook_resid_post"), data=wikitext)
+    with pytest.raises(
+        ValueError, match=r"^train while capturing takes one site; got blocks.1.hook_resid_post, "
+    ):
+        capture_and_train(cfg)

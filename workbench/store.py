@@ -87,7 +87,12 @@ def read_manifest(root: Path) -> list[ShardRecord]:
     if not path.exists():
         return []
     try:
-        rows = pq.read_table(path).to_pylist()
+        # One open file: by path, pyarrow may open it again for the pages, and a capture that
+        # renames a new manifest in between gives it the footer of one and the pages of another.
+        with open(path, "rb") as f:
+            rows = pq.read_table(f).to_pylist()
+    except FileNotFoundError:
+        return []
     except Exception as err:  # noqa: BLE001 - pyarrow raises several error types on damaged files
         raise StoreError(
             f"{path} is unreadable ({err}); delete it and re-run the capture to rebuild"
