@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from workbench.models import resolve_device
 from workbench.sae import ddp
 from workbench.sae.archs import post_step
 from workbench.sae.data import StoreStream
@@ -180,6 +181,7 @@ def train(
     `make_stream(start)` gives the batch stream positioned at batch `start`; `identity` (the run's
     config) must match a checkpoint's for it to be resumed.
     """
+    sae.to(resolve_device())  # --device (default: CUDA when present); batches follow in trainer.step
     trainer, ckpt = make_trainer(sae, loop), Checkpointer(Path(work_dir))
     start, elapsed, curves, latents = _resume(trainer, ckpt, identity)
     stream = make_stream(start)
@@ -214,8 +216,8 @@ def train(
             fired = out.feature_acts.detach().bool().any(0)
             if par is not None:
                 fired = par.sync_dead_counters(trainer, fired)
-            latents["ever_dead"] |= dead
-            latents["revived"] |= dead & fired
+            latents["ever_dead"] |= dead.cpu()
+            latents["revived"] |= (dead & fired).cpu()
             post_step(sae)
             step, consistent = step + 1, True
             if step % loop.log_every == 0 or step == loop.steps:

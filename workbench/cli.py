@@ -103,8 +103,35 @@ class Workbench(click.Group):
 
 
 @click.group(cls=Workbench, context_settings={"help_option_names": ["-h", "--help"]})
-def cli() -> None:
+@click.option(
+    "--device",
+    default=None,
+    help="Where models, dictionaries (training and evaluation) and patching run: cpu, cuda or cuda:N "
+    "(default: CUDA when torch sees a GPU, else cpu).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "bf16", "fp16"]),
+    default=None,
+    help="Model weights' dtype (default fp32). fp16 is GPU-only; a non-fp32 model gets its own stores and "
+    "cache keys (its activations differ).",
+)
+def cli(device: str | None, dtype: str | None) -> None:
     """Mechanistic interpretability workbench: capture activations, run analyses, browse results."""
+    if device or dtype:
+        _use_device(device, dtype)
+
+
+@_guard
+def _use_device(device: str | None, dtype: str | None) -> None:
+    """Check --device/--dtype before any work and hand them to every model load of this process."""
+    from workbench.models import resolve_device, resolve_dtype
+
+    resolved = resolve_device(device)
+    resolve_dtype(dtype, resolved.split(":")[0])
+    os.environ["WORKBENCH_DEVICE"] = resolved
+    if dtype:
+        os.environ["WORKBENCH_DTYPE"] = dtype
 
 
 @cli.command("models")

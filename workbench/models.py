@@ -28,6 +28,13 @@ class ModelNotAvailableError(RuntimeError):
     """The model key cannot be resolved on this machine; the message says what to install or pass."""
 
 
+class DeviceError(ValueError):
+    """A --device or --dtype this machine cannot honour; the message says what to pass instead."""
+
+
+MODEL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Identity of a loaded model: what goes into store and cache keys."""
@@ -36,9 +43,56 @@ class ModelInfo:
     weights_hash: str
     processing: str
     source: str
+    dtype: str = "float32"
 
     def identity(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.dtype == "float32":  # the default leaves every existing store and cache key as it was
+            del out["dtype"]
+        return out
+
+
+def resolve_device(name: str | None = None) -> str:
+    """The device to run on: `name`, else $WORKBENCH_DEVICE (the CLI's --device), else CUDA when torch
+    sees a GPU, else cpu. Refused in one line when this machine has no such device."""
+    import torch
+
+    name = (name or os.environ.get("WORKBENCH_DEVICE") or "").strip()
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"CUDA was asked for (--device {name}) but torch sees no GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0 … "
+                f"cuda:{torch.cuda.device_count() - 1})"
+            )
+    elif device.type != "cpu":
+        raise DeviceError(f"unknown device '{name}'; use cpu, cuda or cuda:N")
+    return str(device)
+
+
+def resolve_dtype(name: str | None, device: str):
+    """torch dtype of the model's weights: `name`, else $WORKBENCH_DTYPE (--dtype), else fp32.
+    fp16 is refused on CPU (slow or missing half kernels, and no range for the activations we
+    store); bf16 runs on CPU with a warning (slower than fp32 there)."""
+    import torch
+
+    name = name or os.environ.get("WORKBENCH_DTYPE") or "fp32"
+    if name not in MODEL_DTYPES:
+        raise DeviceError(f"--dtype must be one of {', '.join(MODEL_DTYPES)}, not '{name}'")
+    if name == "fp16" and device == "cpu":
+        raise DeviceError("--dtype fp16 is for GPUs; on CPU use fp32 (default) or bf16")
+    if name == "bf16" and device == "cpu":
+        log.warning(
+            "--dtype bf16 on CPU: activations lose precision and CPU bf16 kernels are slower than fp32"
+        )
+    return getattr(torch, MODEL_DTYPES[name])
 
 
 @dataclass(frozen=True)
@@ -279,20 +333,24 @@ def n_layers(config: dict) -> int | None:
     return n_layers(text) if isinstance(text, dict) else None
 
 
-def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | None = None):
+def load_model(
+    key: str = DEFAULT_MODEL, processing: str = "raw", device: str | None = None, dtype: str | None = None
+):
     """Boot `key` as a TransformerBridge; `processing='compat'` folds norms/centres weights like TL/SAELens.
 
-    The returned bridge carries `.workbench` (a ModelInfo) used in every store and cache key.
+    `device` / `dtype` (fp32, bf16, fp16): see `resolve_device` / `resolve_dtype`; both are checked
+    before anything loads. The returned bridge carries `.workbench` (a ModelInfo) used in every
+    store and cache key (a non-fp32 dtype is part of it: its activations differ).
     """
     if processing not in PROCESSING_MODES:
         raise ValueError(f"processing must be one of {PROCESSING_MODES}, got '{processing}'")
-    import torch
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device.split(":")[0])
     from transformer_lens.model_bridge import TransformerBridge
 
     target, source = resolve(key)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=torch.float32)
+        bridge = TransformerBridge.boot_transformers(target, device=device, dtype=torch_dtype)
     except OSError as err:  # hub ids offline, missing files
         if os.environ.get("HF_HUB_OFFLINE") == "1":
             raise ModelNotAvailableError(_offline_message(key)) from err
@@ -301,7 +359,8 @@ def load_model(key: str = DEFAULT_MODEL, processing: str = "raw", device: str | 
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
     whash = weights_hash(Path(target)) if Path(target).is_dir() else _hub_revision(target)
-    bridge.workbench = ModelInfo(key=key, weights_hash=whash, processing=processing, source=source)
+    dt = str(torch_dtype).removeprefix("torch.")
+    bridge.workbench = ModelInfo(key=key, weights_hash=whash, processing=processing, source=source, dtype=dt)
     return bridge
 
 
