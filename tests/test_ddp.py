@@ -20,7 +20,8 @@ SITE = "blocks.1.hook_resid_post"
 # 2 ranks x 64 rows per step against 1 process x 128 rows. The difference is float summation
 # order only (mean of two half-batch means vs one mean; gloo's sum), ~1e-7 relative per step,
 # which Adam's per-coordinate normalisation can enlarge where a gradient is near zero, and which
-# can flip a TopK choice between near-tied latents. Measured: max |Δ| ≤ 2e-6 on weights of O(0.1).
+# could flip a TopK choice between near-tied latents. Measured over 24 steps (lr 1e-3): max |diff|
+# 1.6e-7 on W_dec, 3e-9 on W_enc (two runs, both tests).
 ATOL = 1e-4
 
 
@@ -73,6 +74,7 @@ def assert_close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         diff = (a[name] - b[name]).abs().max().item()
+        print(f"{name}: max |diff| {diff:.3g}")  # shown with -s: the measured gap
         assert diff <= ATOL, f"{name}: max |diff| {diff:.3g} > {ATOL}"
 
 
