@@ -57,3 +57,21 @@ def test_sweep_checks_every_config_first(tmp_path):
     assert str(err.value) == (
         f"no activation store at {tmp_path} (run.json missing); capture one with `workbench capture`"
     )
+
+
+def test_grid_and_its_errors():
+    from click.testing import CliRunner
+
+    from workbench.cli import cli
+    from workbench.distributed.ray_sweep import grid
+
+    configs = grid("train-sae", ["k=4,8", "d-sae=64,128"], ["store=/s", "normalize=false"])
+    assert configs == [
+        {"store": "/s", "normalize": False, "k": k, "d_sae": d} for k in (4, 8) for d in (64, 128)
+    ]
+    for args, message in (
+        (["--vary", "kk=1,2"], "'kk=1,2' is not NAME=VALUE with NAME an option of train-sae (e.g. k=16,32)"),
+        (["--vary", "k=a,2"], "k takes int values, got 'a' in 'k=a,2'"),
+    ):
+        result = CliRunner().invoke(cli, ["sweep", "train-sae", *args])
+        assert result.exit_code == 2 and result.output.strip().splitlines()[-1] == f"error: {message}"

@@ -260,23 +260,29 @@ def _unique_key(prefix: str) -> str:
     return api.cache().resolve(prefix)
 
 
-def _engine_options(unit: str) -> list[click.Option]:
-    """--engine/--address/--workers: run the {unit} as Ray jobs (workbench.distributed)."""
-    return [
+def _engine_options(unit: str, workers: bool = True) -> list[click.Option]:
+    """--engine/--address (and --workers): do `unit` as Ray jobs (workbench.distributed)."""
+    options = [
         click.Option(
             ["--engine"],
             type=click.Choice(api.ENGINES),
             default="local",
             show_default=True,
-            help=f"'ray': run the {unit} as Ray jobs (a shared filesystem holds the store).",
+            help=f"'ray': {unit} as Ray jobs (on a filesystem every node mounts).",
         ),
         click.Option(
             ["--address"],
             default=None,
             help="Ray cluster address (host:port or 'auto'); default: start Ray on this machine.",
         ),
-        click.Option(["--workers"], type=int, default=2, show_default=True, help="Ray workers (one CPU each)."),
     ]
+    if workers:
+        options.append(
+            click.Option(
+                ["--workers"], type=int, default=2, show_default=True, help="Ray workers (one CPU each)."
+            )
+        )
+    return options
 
 
 def _capture_command() -> click.Command:
@@ -292,7 +298,7 @@ def _capture_command() -> click.Command:
             default=None,
             help="Store folder (default: content-addressed under $WORKBENCH_HOME/stores).",
         ),
-        *_engine_options("shards"),
+        *_engine_options("write the shards"),
     ]
     return click.Command(
         "capture",
@@ -315,13 +321,21 @@ class RunGroup(click.Group):
             return None
 
         @_guard
-        def callback(force: bool, html: str | None, as_json: bool, preset: str | None, **kwargs):
+        def callback(
+            force: bool,
+            html: str | None,
+            as_json: bool,
+            preset: str | None,
+            engine: str,
+            address: str | None,
+            **kwargs,
+        ):
             kwargs = _apply_preset(spec.name, preset, kwargs)
             ctx = click.get_current_context()
             typed = {
                 k for k in kwargs if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
             }
-            result = api.run(spec.name, force=force, explicit=typed, **kwargs)
+            result = api.run(spec.name, force=force, explicit=typed, engine=engine, address=address, **kwargs)
             if as_json:
                 click.echo(json.dumps(result.summary(), default=str, indent=2))
             else:
@@ -336,6 +350,7 @@ class RunGroup(click.Group):
                 default=None,
                 help="JSON file of option values (data/presets/); explicit options win.",
             ),
+            *_engine_options("compute the per-shard maps (activation-stats)", workers=False),
         ]
         return click.Command(
             name, callback=callback, params=_options_from(spec.config_cls) + extra, help=spec.doc
@@ -356,6 +371,33 @@ def _apply_preset(name: str, preset: str | None, kwargs: dict) -> dict:
 
 
 cli.add_command(_capture_command())
+
+
+@cli.command("sweep")
+@click.argument("analysis_name", metavar="ANALYSIS")
+@click.option(
+    "--vary", multiple=True, required=True, help="NAME=V1,V2,...: one run per value (several: product)."
+)
+@click.option("--set", "fixed", multiple=True, help="NAME=VALUE for every run (e.g. store=<path>).")
+@_guard
+def sweep_cmd(
+    analysis_name: str, vary: tuple[str, ...], fixed: tuple[str, ...], engine: str, address: str | None
+):
+    """Run one analysis over a grid of options (e.g. train-sae over k and d_sae); each run is
+    cached as it finishes, so `workbench results` and the app list it at once."""
+    from workbench.distributed.ray_sweep import grid
+
+    configs = grid(analysis_name, vary, fixed)
+    shown = [item.partition("=")[0].strip().replace("-", "_") for item in vary]
+
+    def done(run) -> None:
+        click.echo(" ".join(f"{k}={run.overrides[k]}" for k in shown) + f"  ->  {run.key[:12]}")
+
+    runs = api.sweep(analysis_name, configs, engine=engine, address=address, on_done=done)
+    click.echo(f"sweep: {len(runs)} {analysis_name} results in the cache (workbench results {analysis_name})")
+
+
+sweep_cmd.params.extend(_engine_options("run each config", workers=False))
 RUN = RunGroup("run", help="Run an analysis (cached): workbench run <analysis> --help")
 cli.add_command(RUN)
 

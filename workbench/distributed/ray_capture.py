@@ -98,9 +98,12 @@ class CaptureWorker:
     packing stream and a ShardWriter. `after_write(shard, root)` runs once a shard's files are
     written, before they are reported (a test kills the worker there)."""
 
-    def __init__(self, cfg: CaptureConfig, after_write: AfterWrite | None = None):
+    def __init__(self, cfg: CaptureConfig, threads: int = 1, after_write: AfterWrite | None = None):
+        import torch
+
         from workbench.models import load_model
 
+        torch.set_num_threads(threads)  # as many as the CPUs Ray reserved for this actor
         self.cfg, self.after_write = cfg, after_write
         self.model = load_model(cfg.model, cfg.processing)
         cfg.check_model(self.model)
@@ -147,17 +150,19 @@ def capture_on_ray(
     workers: int = 2,
     progress: bool | Callable[[int, int], None] = True,
     after_write: AfterWrite | None = None,
+    threads: int = 1,
 ) -> ActivationStore:
-    """Capture `cfg` with `workers` Ray actors (one CPU each) into one store on a filesystem every
-    node sees; the same store, byte for byte, as `workbench.capture.capture` writes."""
+    """Capture `cfg` with `workers` Ray actors (`threads` CPUs and torch threads each) into one
+    store on a filesystem every node sees; the same store, byte for byte, as
+    `workbench.capture.capture` writes with as many torch threads."""
     import ray
 
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+    if workers < 1 or threads < 1:
+        raise ValueError(f"workers and threads must be at least 1, got {workers} and {threads}")
     out_path = Path(out).resolve() if out is not None else None
     if out_path is not None:
         store_state.check_out_folder(out_path)  # before the cluster is touched
-    connect(address, num_cpus=workers if address is None else None)
+    connect(address, num_cpus=workers * threads if address is None else None)
     base = out_path.parent if out_path is not None else paths.stores_dir()
     base.mkdir(parents=True, exist_ok=True)
     needed = [("the store folder", str(base))]
@@ -166,9 +171,9 @@ def capture_on_ray(
     ]
     check_workers(needed, required_packages(cfg.model))
     actor_cls = ray.remote(CaptureWorker).options(
-        num_cpus=1, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, max_concurrency=IN_FLIGHT
+        num_cpus=threads, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, max_concurrency=IN_FLIGHT
     )
-    actors = [actor_cls.remote(cfg, after_write) for _ in range(workers)]
+    actors = [actor_cls.remote(cfg, threads, after_write) for _ in range(workers)]
     try:
         info = _same_everywhere(_get([a.describe.remote() for a in actors]))
         run_id = paths.sha256_json(info["identity"])

@@ -8,6 +8,9 @@ died resumes from the run's own checkpoint (train-sae keeps one in its work fold
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,38 @@ class SweepRun:
 
     overrides: dict
     key: str
+
+
+def grid(name: str, vary: Sequence[str], fixed: Sequence[str] = ()) -> list[dict]:
+    """A sweep's configs from `NAME=V1,V2,...` items (one run per value; several items give their
+    product) and `NAME=VALUE` items shared by every run; values typed as the option's field."""
+    base = {key: values[0] for key, values in (_option(name, item, many=False) for item in fixed)}
+    axes = [_option(name, item, many=True) for item in vary]
+    combos = itertools.product(*(values for _, values in axes))
+    return [{**base, **{key: v for (key, _), v in zip(axes, combo)}} for combo in combos]
+
+
+def _option(name: str, item: str, many: bool) -> tuple[str, list]:
+    from workbench import analysis
+
+    cls = analysis.get(name).config_cls
+    hints = typing.get_type_hints(cls)
+    key, sep, text = item.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or key not in {f.name for f in dataclasses.fields(cls)}:
+        raise ValueError(f"'{item}' is not NAME=VALUE with NAME an option of {name} (e.g. k=16,32)")
+    kind = hints[key] if hints[key] in (int, float, bool) else str
+    values = []
+    for part in text.split(",") if many else [text]:
+        try:
+            values.append(
+                part.strip().lower() in ("1", "true", "yes") if kind is bool else kind(part.strip())
+            )
+        except ValueError:
+            raise ValueError(
+                f"{key} takes {kind.__name__} values, got '{part.strip()}' in '{item}'"
+            ) from None
+    return key, values
 
 
 def check_configs(name: str, configs: Sequence[dict]) -> list[str]:
