@@ -225,3 +225,53 @@ def _keep(store: ActivationStore, specials: list[int]) -> Tensor:
         else torch.ones(store.n_rows, dtype=torch.bool)
     )
     return keep & ~torch.isin(store.token_ids(), torch.tensor(specials, dtype=torch.int64))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m workbench.sae.follow <capture options> --arch topk --k 32 --train-batch 1024`."""
+    import click
+
+    from workbench import sites
+    from workbench.cli import _guard, _options_from
+
+    def run(arch, d_sae, k, train_batch, lr, steps, seed, **capture_options) -> None:
+        capture_options["sites"] = tuple(sites.split_patterns(capture_options["sites"]))
+        out = capture_and_train(
+            CaptureConfig(**capture_options),
+            arch=arch,
+            d_sae=d_sae,
+            k=k,
+            batch_size=train_batch,
+            lr=lr,
+            steps=steps,
+            seed=seed,
+        )
+        click.echo(
+            f"dictionary: {out.dictionary}  ({out.steps} steps, {out.tokens:,} tokens, {out.seconds:.0f} s; "
+            f"waited {out.waited_seconds:.0f} s for the capture)\nstore: {out.store}"
+        )
+
+    train_options = [
+        click.Option(
+            ["--arch"], default="topk", show_default=True, help="Dictionary architecture (one site)."
+        ),
+        click.Option(["--d-sae"], type=int, default=0, help="Latents; 0 = 8 × d_in."),
+        click.Option(
+            ["--k"], type=int, default=32, show_default=True, help="Active latents per token (topk)."
+        ),
+        click.Option(["--train-batch"], type=int, default=1024, show_default=True, help="Tokens per step."),
+        click.Option(["--lr"], type=float, default=3e-4, show_default=True),
+        click.Option(["--steps"], type=int, default=0, help="0 = one pass over the captured non-BOS rows."),
+        click.Option(["--seed"], type=int, default=0, show_default=True),
+    ]
+    command = click.Command(
+        "workbench.sae.follow",
+        callback=_guard(run),
+        params=_options_from(CaptureConfig) + train_options,
+        help=__doc__,
+    )
+    command.main(args=argv, prog_name="python -m workbench.sae.follow")
+
+
+if __name__ == "__main__":
+    main()
