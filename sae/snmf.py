@@ -152,8 +152,8 @@ def solve_coef(
     near-zero start), HALS converges to the optimum in tens of sweeps; its G has exact zeros.
     Returns (G [n, rank], its loss ‖A − G Fᵀ‖²)."""
     Q = F.T @ F
-    eye = torch.eye(len(Q), dtype=Q.dtype, device=Q.device)
-    Qinv_ridge = torch.linalg.inv(Q + RIDGE * eye)
+    eye = torch.eye(len(Q), dtype=torch.float64, device=Q.device)
+    Qinv_ridge = torch.linalg.pinv(Q.double() + RIDGE * eye).to(Q.dtype)  # pinv: F may have a zero column
     diag = Q.diagonal().clamp(min=1e-30)
     out, total = [], 0.0
     for lo in range(0, len(A), chunk):
@@ -191,7 +191,7 @@ def init_coef(A: Tensor, rank: int, init: str, gen: torch.Generator) -> Tensor:
         G = torch.rand(n, rank, generator=gen, dtype=A.dtype, device="cpu").to(A.device)
         return G.clamp_(min=EPS)
     if init == "svd":
-        return svd_coef(gram(A), lambda: iter([A]), rank).to(A.dtype)
+        return svd_coef(gram(A), A.double().sum(0), lambda: iter([A]), rank).to(A.dtype)
     return kmeans_coef(A, rank, gen)
 
 
@@ -201,11 +201,14 @@ def gram(A: Tensor) -> Tensor:
     return A64.T @ A64
 
 
-def svd_coef(AtA: Tensor, batches: Callable[[], Iterable[Tensor]], rank: int) -> Tensor:
+def svd_coef(AtA: Tensor, colsum: Tensor, batches: Callable[[], Iterable[Tensor]], rank: int) -> Tensor:
     """clamp(U √σ, EPS) for A = U σ Vᵀ, from the Gram matrix: V, σ² = eigh(AᵀA), U √σ = A V σ^(-1/2).
-    `batches()` yields A's rows in order (one tensor for an in-memory A), so this streams."""
+    A singular vector's sign is arbitrary and the clamp keeps only its positive part, so each is
+    oriented to a nonnegative column sum (1ᵀU ≥ 0, from colsum = 1ᵀA [d_mlp]). `batches()` yields
+    A's rows in order (one tensor for an in-memory A), so this streams."""
     evals, evecs = torch.linalg.eigh(AtA)  # ascending
     evals, evecs = evals.flip(0)[:rank], evecs.flip(1)[:, :rank]
+    evecs = evecs * torch.where(colsum.double() @ evecs < 0, -1.0, 1.0).to(evecs)
     proj = evecs / evals.clamp(min=1e-12).pow(0.25)  # V σ^(-1/2), since σ = sqrt(eigenvalue)
     parts = [
         (b.double() @ proj).clamp_(min=EPS).to(b.dtype if b.is_floating_point() else torch.float32)

@@ -74,7 +74,7 @@ def first_pass(est, batches: Batches, device, dtype) -> tuple[Tensor, list[int],
     """Read every block once: block sizes, ‖A‖², NaN/Inf count, the random G0 (or the Gram matrix
     for init='svd'); raise SNMFError on bad data before any iteration."""
     gen = torch.Generator().manual_seed(est.seed)
-    sizes, parts, sq, n_nan, n_inf, AtA, d = [], [], 0.0, 0, 0, None, 0
+    sizes, parts, sq, n_nan, n_inf, AtA, colsum, d = [], [], 0.0, 0, 0, None, None, 0
     for b in _blocks(batches, device, dtype):
         if sizes and b.shape[1] != d:
             raise SNMFError(f"block {len(sizes)} has rows of {b.shape[1]} neurons, the first block {d}")
@@ -88,11 +88,16 @@ def first_pass(est, batches: Batches, device, dtype) -> tuple[Tensor, list[int],
             parts.append(torch.rand(len(b), est.rank, generator=gen, dtype=dtype).to(device).clamp_(min=EPS))
         else:
             AtA = (b.double().T @ b.double()) if AtA is None else AtA.addmm_(b.double().T, b.double())
+            colsum = b.double().sum(0) if colsum is None else colsum.add_(b.double().sum(0))
     if not sizes:
         raise SNMFError("the batches are empty: no rows to fit")
     nonfinite(n_nan, n_inf)
     check_rank(est.rank, sum(sizes), d)
-    G = torch.cat(parts) if parts else svd_coef(AtA, lambda: _blocks(batches, device, dtype), est.rank)
+    G = (
+        torch.cat(parts)
+        if parts
+        else svd_coef(AtA, colsum, lambda: _blocks(batches, device, dtype), est.rank)
+    )
     return G.to(dtype), sizes, sq
 
 
