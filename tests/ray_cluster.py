@@ -1,5 +1,7 @@
-"""A real Ray cluster on the loopback interface for the Ray tests: started once per test module,
-dashboard and usage statistics off, shut down afterwards even when a test fails."""
+"""A real local Ray cluster for the Ray tests: started once per test module, dashboard and usage
+statistics off, shut down afterwards even when a test fails. It is asked for 127.0.0.1, but Ray
+2.60 resolves that to the machine's reachable address by design (`resolve_ip_for_localhost`) and
+guards its ports with token authentication; nothing in these tests leaves this machine."""
 
 from __future__ import annotations
 

@@ -21,8 +21,10 @@ class RayEngineError(ValueError):
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to the Ray cluster at `address` ("host:port", "ray://host:port" or "auto"), or start
-    one on this machine (loopback only, no dashboard) when none is given. A session that is
-    already connected (a notebook, a test) is reused."""
+    one on this machine (no dashboard) when none is given. A session that is already connected
+    (a notebook, a test) is reused. Ray 2.60 replaces a 127.0.0.1 node address by the machine's
+    reachable one (`services.resolve_ip_for_localhost`) and listens on every interface; its token
+    authentication, on by default, is what keeps other machines out."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -38,7 +40,6 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             address="local",  # a new instance, never one a `ray start` left running here
             num_cpus=num_cpus,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
         )
