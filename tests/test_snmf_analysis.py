@@ -160,3 +160,15 @@ def test_hierarchical_fit_gives_the_concept_tree(tiny_store):
     assert load_dictionary(r.dictionary).cfg.d_sae == 6  # level 1 is the dictionary
     with pytest.raises(ValueError, match="tree_ranks must decrease below rank 6"):
         api.run("snmf", store=str(store.root), rank=6, tree_ranks="8")
+
+
+def test_pick_chooses_the_separating_unit():
+    from workbench.analyses.snmf.steering import pick
+
+    gen = torch.Generator().manual_seed(0)
+    pos = [torch.rand(5, 4, generator=gen) for _ in range(6)]
+    neg = [torch.rand(7, 4, generator=gen) for _ in range(6)]
+    for a in pos:
+        a[:, 2] += 1.0  # planted: unit 2 is higher on every concept token
+    unit, au = pick(lambda a: a, pos, neg)
+    assert unit == 2 and au == 1.0
