@@ -260,6 +260,7 @@ def trace(tracer: Tracer, states: list[State], max_states: int, step: Callable |
     return out
 
 
+@torch.no_grad()
 def reference_probs(tracer: Tracer, states: Iterable[State]) -> torch.Tensor:
     """The paper's loop, written independently of `Tracer.probs`: per restored state, one full
     forward pass of the `samples` corrupted rows from the embeddings, the clean value written at
