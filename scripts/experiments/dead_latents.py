@@ -1,0 +1,43 @@
+"""Dead-latent levers for the TopK SAE at a quarter run (data/sae_notes.md, "Two more levers").
+
+    WORKBENCH_HOME=<scratch home> python scripts/experiments/dead_latents.py base|data [JSON overrides]
+
+`data` starts W_dec at d_sae centred training rows (unit norm) and W_enc at W_decᵀ, by wrapping
+the recipe's b_dec initialisation; the cache key does not see that, so run each variant in its own
+WORKBENCH_HOME (with `stores`/`models` linked to the real ones). Prints the run's summary.
+"""
+
+import json
+import sys
+
+import torch
+
+from workbench import api, paths
+from workbench.analyses import train_sae as T
+from workbench.sae.data import sample_rows
+
+variant = sys.argv[1]
+extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+centre_only = T.init_b_dec
+
+
+def init(sae, store, site, keep, scale, method):
+    centre_only(sae, store, site, keep, scale, method)
+    if variant != "data":
+        return
+    rows = keep.nonzero().flatten()
+    pick = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))[: sae.W_dec.shape[0]]]
+    mask = torch.zeros_like(keep)
+    mask[pick] = True
+    x = sample_rows(store, [site], len(pick), mask)[0] * scale - sae.b_dec.data.float()
+    w = x / x.norm(dim=-1, keepdim=True)
+    sae.W_dec.data.copy_(w.to(sae.W_dec.dtype))
+    sae.W_enc.data.copy_(w.T.contiguous().to(sae.W_enc.dtype))
+
+
+T.init_b_dec = init
+store = str(paths.stores_dir() / "smollm2-L15-1M")
+cfg = dict(d_sae=4608, lr=4e-4, batch_size=1024, checkpoint_every=1000, eval_tokens=8192, n_tokens=262144)
+cfg |= dict(lr_decay_steps=50, seed=1) | extra
+result = api.run("train-sae", store=store, site="blocks.15.hook_resid_post", arch="topk", k=32, **cfg)
+print(variant, json.dumps(extra), json.dumps(result.summary(), default=str))
