@@ -85,6 +85,10 @@ class BigramConfig:
                 raise masks.MaskError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ctx_len < 2:
             raise masks.MaskError(f"ctx_len must be >= 2, got {self.ctx_len}")
+        if not self.train_seqs and any(p.startswith("hf:") for p in data.split_sources(self.data)):
+            raise masks.MaskError(
+                "a Hub text source has no known end: pass train_seqs (the held-out sequences follow them)"
+            )
         for source in filter(None, (self.data, self.corpus)):
             data.check_source(source)  # a missing file fails here, before the model loads
         if self.mask:
