@@ -167,6 +167,11 @@ def test_negative_lambda_is_refused_before_anything_loads():
     assert (
         str(err.value) == "lam must be >= 0 (the size penalty's weight; the paper's default is 10), got -1.0"
     )
+    with pytest.raises(masks.MaskError) as err:
+        BigramConfig(model="no-such-model", data="hf:wikitext")  # packing it all would never end
+    assert str(err.value) == (
+        "a Hub text source has no known end: pass train_seqs (the held-out sequences follow them)"
+    )
 
 
 def test_cli_refuses_negative_lambda_in_one_line(monkeypatch):
