@@ -13,6 +13,7 @@ store that the same command resumes, committed shards kept.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 from collections import deque
@@ -165,10 +166,13 @@ def capture_on_ray(
     connect(address, num_cpus=workers * threads if address is None else None)
     base = out_path.parent if out_path is not None else paths.stores_dir()
     base.mkdir(parents=True, exist_ok=True)
-    needed = [("the store folder", str(base))]
-    needed += [
-        ("the text source", str(Path(p).resolve())) for p in data.split_sources(cfg.data) if ":" not in p
-    ]
+    # Workers on other nodes have another working directory: they get absolute text paths (the
+    # run's identity holds the text's content hash, not its path, so the store is the same).
+    sources = [p if p.startswith("hf:") else str(Path(p).resolve()) for p in data.split_sources(cfg.data)]
+    cfg = dataclasses.replace(cfg, data=",".join(sources))
+    needed = [("the store folder", str(base))] + [("the text source", p) for p in sources if p[:3] != "hf:"]
+    if Path(cfg.model).is_dir():
+        needed.append(("the model folder", str(Path(cfg.model).resolve())))
     check_workers(needed, required_packages(cfg.model))
     actor_cls = ray.remote(CaptureWorker).options(
         num_cpus=threads, max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES, max_concurrency=IN_FLIGHT
