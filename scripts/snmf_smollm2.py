@@ -1,7 +1,9 @@
-"""The real SNMF run behind data/snmf_notes.md (Analysis and steering sections), ~10 min on 2 CPU cores:
+"""The real SNMF run behind data/snmf_notes.md (Analysis and steering sections), one stage per
+heavy-lock slot (on a loaded 2-core machine the capture ran at ~50 tok/s and the rank-100 SNMF at
+~1.4 s per iteration, so a stage can exceed 10 min; give it no shorter `timeout`):
 
-    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py fit    # store, SNMF, TopK SAE, comparison
-    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py steer  # the comparison alone
+    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py fit    # store, SNMF, TopK SAE
+    flock /tmp/lead/heavy.lock .venv/bin/python scripts/snmf_smollm2.py steer  # the comparison
 
 Each stage is the CLI's analyses through `workbench.api` (cached: a rerun is a cache hit) and prints
 what the notes quote: example features (contexts, vocabulary projection) and the comparison table.
@@ -75,4 +77,4 @@ def steer():
 
 
 if __name__ == "__main__":
-    {"fit": lambda: (fit(), steer()), "steer": steer}[sys.argv[1]]()
+    {"fit": fit, "steer": steer, "all": lambda: (fit(), steer())}[sys.argv[1]]()
