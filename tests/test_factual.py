@@ -137,7 +137,7 @@ def test_severing_the_mlp_removes_the_early_peak(maps, fact):
 def test_batched_restoration_equals_one_state_per_forward(planted, fact):
     """The batched sweep and the paper's one-restoration-per-forward loop give the same numbers."""
     tracer = _tracer(planted, fact, samples=3)
-    states = tracing.all_states(4, len(fact.tokens), fact.start, severed=True)
+    states = tracing.all_states(4, len(fact.tokens), 0, severed=True)  # pre-subject states skip their pass
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # multi-threaded CPU kernels may sum in a batch-size dependent order
     try:

@@ -248,10 +248,13 @@ def type_representatives(start: int, end: int, n_pos: int) -> list[int]:
 
 def trace(tracer: Tracer, states: list[State], max_states: int, step: Callable | None = None) -> torch.Tensor:
     """P(target) for each state, `max_states` states per forward pass; states go in order of the
-    first block they edit, so each pass widens as late as it can (returned in the input order)."""
+    first block they edit, so each pass widens as late as it can (returned in the input order).
+    A state before the subject's first token is answered with P_corrupted and no forward pass: its
+    clean and corrupted values are the same numbers (the noise is on the subject, attention is causal)."""
     n_layers, window = tracer.model.cfg.n_layers, tracer.window
-    order = sorted(range(len(states)), key=lambda i: first_edit([states[i]], window, n_layers))
-    out = torch.zeros(len(states))
+    out = torch.full((len(states),), tracer.p_corrupted)
+    live = [i for i, s in enumerate(states) if s.pos >= tracer.start]
+    order = sorted(live, key=lambda i: first_edit([states[i]], window, n_layers))
     for i in range(0, len(order), max_states):
         chunk = order[i : i + max_states]
         out[chunk] = tracer.probs([states[j] for j in chunk])
