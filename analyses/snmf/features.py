@@ -18,8 +18,9 @@ from workbench.firing import FIRE_FRACTION
 
 DENSITY_RULE = (
     f"an SNMF feature fires on a token when its coefficient G > {FIRE_FRACTION:g} × its largest G over "
-    "the fitted tokens (workbench.firing's relative rule: the multiplicative G update never gives an "
-    "exact 0, so 'G > 0' would hold on every token); density = fraction of fitted tokens where it fires"
+    "the fitted tokens (workbench.firing's relative rule: the nonnegative solver leaves most coefficients "
+    "small but not exactly 0, so 'G > 0' would count nearly every token); density = fraction of fitted "
+    "tokens where it fires"
 )
 
 
