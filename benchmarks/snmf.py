@@ -30,12 +30,21 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_rows(store_path: str, site: str) -> torch.Tensor:
-    from workbench.api import open_store
+def keep_mask(store, rows: int | None) -> torch.Tensor:
+    """Every row but BOS (as `sae.data.default_keep`), only the first `rows` of them if given."""
     from workbench.sae.data import default_keep
 
+    keep = default_keep(store)
+    if rows is not None:
+        keep &= keep.cumsum(0) <= rows
+    return keep
+
+
+def load_rows(store_path: str, site: str, rows: int | None = None) -> torch.Tensor:
+    from workbench.api import open_store
+
     store = open_store(store_path)
-    return store.read(site)[default_keep(store)].flatten(1).float()
+    return store.read(site)[keep_mask(store, rows)].flatten(1).float()
 
 
 def reference(A: torch.Tensor, G: torch.Tensor, K: int, sparsity: float, iters: int) -> float:
@@ -68,10 +77,12 @@ def child(args) -> dict:
         base = rss_mb()
         est = SNMF(args.rank, max_iter=args.iters, patience=args.iters, tol=0.0, refit_coef=False)
         t0 = time.perf_counter()
-        est.fit_stream(store_batches(store, args.site))
+        est.fit_stream(store_batches(store, args.site, keep_mask(store, args.rows)))
         return dict(seconds=time.perf_counter() - t0, peak_mb=rss_mb() - base, loss=est.best_loss_)
-    A = load_rows(args.store, args.site)
-    base = rss_mb()
+    base = (
+        rss_mb()
+    )  # before the rows: the reference's peak includes its in-memory A, as the stream's its shards
+    A = load_rows(args.store, args.site, args.rows)
     if args.part == "reference":
         gen = torch.Generator().manual_seed(0)  # the same G0 draw as SNMF(seed=0)
         G0 = torch.rand(A.shape[0], args.rank, generator=gen).clamp_(min=1e-6)
@@ -118,13 +129,15 @@ def main() -> None:
     p.add_argument("--ratio-iters", type=int, default=20)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, help="use only the first ROWS kept rows (default: all)")
+    p.add_argument("--parts", default="ratio,stream,reference", help="which parts to run, comma-separated")
     p.add_argument("--part", choices=["ratio", "stream", "reference"], help="(internal) run one part here")
     args = p.parse_args()
     if args.part:
         print(json.dumps(child(args)))
         return
     out = {"load_average_start": os.getloadavg()[0], "args": vars(args)}
-    for part in ("ratio", "stream", "reference"):
+    for part in args.parts.split(","):
         cmd = [sys.executable, __file__, *sys.argv[1:], "--part", part]
         out[part] = json.loads(
             subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
