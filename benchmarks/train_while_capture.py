@@ -81,6 +81,7 @@ def main() -> None:
     POOL.put(model)
     out = {"threads": torch.get_num_threads(), "site": site, "batch": args.batch}
     out["ours_train_while_capturing"] = ours(model, args, site, data)
+    print(json.dumps(out, default=float), flush=True)  # kept if SAELens' side runs out of time
     out["saelens"] = bench.saelens(model, args, site, data)
     o, s = out["ours_train_while_capturing"], out["saelens"]
     out["speedup_end_to_end"] = s["seconds"] / o["seconds"]
