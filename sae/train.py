@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.models import resolve_device
-from workbench.sae import ddp
+from workbench.sae import ddp, resample
 from workbench.sae.archs import post_step
 from workbench.sae.data import StoreStream
 
@@ -55,6 +55,7 @@ class LoopConfig:
     dead_window_steps: int = 200
     checkpoint_every: int = 200
     log_every: int = 10
+    resample_dead: bool = False  # sae.resample: re-initialise dead latents every 1/8 of the run until 5/8
 
 
 @dataclass
@@ -187,6 +188,8 @@ def train(
     stream = make_stream(start)
     par = ddp.current()  # under torchrun: this rank's slice of each batch, gradients averaged
     if par is not None:
+        if loop.resample_dead:
+            raise ValueError("resample_dead is not supported under torchrun (each rank would resample apart)")
         ddp.check_batch(loop.batch_size, par.world)
         par.attach(sae)
         stream, show_bar = par.slices(stream), show_bar and par.leader
@@ -220,6 +223,11 @@ def train(
             latents["revived"] |= (dead & fired).cpu()
             post_step(sae)
             step, consistent = step + 1, True
+            if loop.resample_dead and resample.due(step, loop.steps):
+                seeded = torch.Generator().manual_seed(step)  # a resumed run resamples the same rows
+                bar.write(
+                    f"step {step}: resampled {resample.resample_dead(trainer, out, seeded)} dead latents"
+                )
             if step % loop.log_every == 0 or step == loop.steps:
                 m = _record(trainer, out, step, loop, curves, latents["revived"])
                 now = time.perf_counter()
