@@ -3,11 +3,9 @@
     WORKBENCH_HOME=<scratch home> python scripts/experiments/dead_latents.py base|data|resample [JSON overrides]
 
 `data` starts W_dec at d_sae centred training rows (unit norm) and W_enc at W_decᵀ, by wrapping
-the recipe's b_dec initialisation. `resample` (Bricken et al. 2023, adapted to TopK) re-initialises
-the latents dead by the window every 1/8 of the run until 5/8: each gets the unit direction of a
-batch row's reconstruction error (rows drawn ∝ squared error) as decoder row and encoder column,
-the encoder scaled to the live latents' mean norm, b_enc the live mean; their Adam moments and
-dead counters reset. the cache key does not see that, so run each variant in its own
+the recipe's b_dec initialisation. `resample` wraps the trainer's step with `sae.resample.resample_dead`
+on the same schedule as `train-sae --resample-dead` (as run before that option existed; the
+option gives the same runs). the cache key does not see that, so run each variant in its own
 WORKBENCH_HOME (with `stores`/`models` linked to the real ones). Prints the run's summary.
 """
 
@@ -19,6 +17,7 @@ import torch
 from workbench import api, paths
 from workbench.analyses import train_sae as T
 from workbench.sae.data import sample_rows
+from workbench.sae.resample import resample_dead
 
 variant = sys.argv[1]
 extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
@@ -39,27 +38,6 @@ def init(sae, store, site, keep, scale, method):
     sae.W_enc.data.copy_(w.T.contiguous().to(sae.W_enc.dtype))
 
 
-@torch.no_grad()
-def resample(trainer, out) -> int:
-    sae, dead = trainer.sae, trainer.dead_neurons
-    n = int(dead.sum())
-    if n == 0:
-        return 0
-    err = (out.sae_in - out.sae_out).detach().float()
-    pick = torch.multinomial(err.pow(2).sum(-1), n, replacement=n > len(err))
-    d = err[pick] / err[pick].norm(dim=-1, keepdim=True)
-    live = ~dead
-    sae.W_dec.data[dead] = d.to(sae.W_dec.dtype)
-    sae.W_enc.data[:, dead] = (d.T * sae.W_enc.data[:, live].norm(dim=0).mean()).to(sae.W_enc.dtype)
-    sae.b_enc.data[dead] = sae.b_enc.data[live].mean()
-    for p, idx in ((sae.W_dec, (dead,)), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
-        for moment in trainer.optimizer.state.get(p, {}).values():
-            if torch.is_tensor(moment) and moment.shape == p.shape:
-                moment[idx] = 0
-    trainer.n_forward_passes_since_fired[dead] = 0
-    return n
-
-
 def with_resampling(make):
     def make_trainer(sae, loop):
         trainer = make(sae, loop)
@@ -69,7 +47,7 @@ def with_resampling(make):
             out = plain(batch)
             k = trainer.n_training_steps + 1  # the loop increments it after step()
             if k % every == 0 and k <= 5 * loop.steps // 8:
-                print(f"step {k}: resampled {resample(trainer, out)} dead latents", flush=True)
+                print(f"step {k}: resampled {resample_dead(trainer, out)} dead latents", flush=True)
             return out
 
         trainer.step = step
