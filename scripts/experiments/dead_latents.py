@@ -5,7 +5,7 @@
 `data` starts W_dec at d_sae centred training rows (unit norm) and W_enc at W_decᵀ, by wrapping
 the recipe's b_dec initialisation. `resample` wraps the trainer's step with `sae.resample.resample_dead`
 on the same schedule as `train-sae --resample-dead` (as run before that option existed; the
-option gives the same runs). the cache key does not see that, so run each variant in its own
+option also seeds each resampling by its step, so its runs differ in which rows are drawn). the cache key does not see that, so run each variant in its own
 WORKBENCH_HOME (with `stores`/`models` linked to the real ones). Prints the run's summary.
 """
 
