@@ -3,10 +3,11 @@
     WORKBENCH_HOME=<scratch home> python scripts/experiments/dead_latents.py base|data|resample [JSON overrides]
 
 `data` starts W_dec at d_sae centred training rows (unit norm) and W_enc at W_decᵀ, by wrapping
-the recipe's b_dec initialisation. `resample``resample` wraps the trainer's step with
+the recipe's b_dec initialisation. `resample` wraps the trainer's step with
 `sae.resample.resample_dead` on the schedule of `train-sae --resample-dead` (as run before that
 option existed; the option seeds each resampling by its step, so it draws other rows). The cache
-key sees neither change, so run each variant in its own WORKBENCH_HOME (with `stores`/`models` linked to the real ones). Prints the run's summary.
+key sees neither change, so run each variant in its own WORKBENCH_HOME (with `stores` and
+`models` linked to the real ones). Prints the run's summary.
 """
 
 import json
