@@ -209,11 +209,12 @@ def run(cfg: StatsConfig, ctx: Context) -> StatsResult:
         for site in store.sites
         for i, rec in enumerate(store.records(site))
     ]
-    for item, part in zip(work, ctx.map(shard_moments, work, "activation-stats: moments", needed)):
+    # the map first in zip: its generator runs past its last item, so the last progress call lands
+    for part, item in zip(ctx.map(shard_moments, work, "activation-stats: moments", needed, (0, 2)), work):
         moments[item[1]].merge(part)  # pass 1: moments and range
     t = {s: moments[s].threshold(cfg.fire_threshold) for s in store.sites}
     work = [(*item, t[item[1]], cfg.fire_threshold) for item in work]
-    for item, counts in zip(work, ctx.map(shard_fires, work, "activation-stats: firing", needed)):
+    for counts, item in zip(ctx.map(shard_fires, work, "activation-stats: firing", needed, (1, 2)), work):
         moments[item[1]].fires += counts  # pass 2: firing, against the site's range
     for site in store.sites:
         row = moments[site].row()

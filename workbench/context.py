@@ -96,10 +96,13 @@ class Context:
         items: list[tuple],
         desc: str = "",
         needed: Sequence[tuple[str, str]] = (),
+        stage: tuple[int, int] = (0, 1),
     ) -> Iterator[T]:
         """`fn(*item)` for each item, in item order (so a reduction adds in the local order), here
         or, with engine="ray", as Ray tasks (workbench.distributed.ray_mapreduce); `needed`
-        (label, path) must exist on every Ray node. `fn` must be a module-level function."""
+        (label, path) must exist on every Ray node. `fn` must be a module-level function.
+        `stage` = (k, n): this map is pass k of n equal passes, so the app's progress callback
+        sees one count across them."""
         self.mapped = True
         if self.engine == "ray":
             from workbench.distributed.ray_mapreduce import map_ordered
@@ -107,13 +110,24 @@ class Context:
             results = map_ordered(fn, items, address=self.address, needed=needed)
         else:
             results = (fn(*item) for item in items)
-        yield from self.progress(results, total=len(items), desc=desc)
+        k, n = stage
+        yield from self.progress(
+            results, total=len(items), desc=desc, done_before=k * len(items), overall=n * len(items)
+        )
 
-    def progress(self, items: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-        """Iterate with a tqdm bar (CLI/Jupyter) or the caller's callback (app)."""
+    def progress(
+        self,
+        items: Iterable[T],
+        total: int | None = None,
+        desc: str = "",
+        done_before: int = 0,
+        overall: int | None = None,
+    ) -> Iterator[T]:
+        """Iterate with a tqdm bar (CLI/Jupyter) or the caller's callback (app); the callback gets
+        (done_before + i, overall) when these items are one part of a longer job."""
         total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
         bar = tqdm(items, total=total, desc=desc, disable=not self.show_bars)
         for i, item in enumerate(bar, 1):
             yield item
             if self.on_progress and total:
-                self.on_progress(i, total)
+                self.on_progress(done_before + i, overall or total)
