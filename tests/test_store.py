@@ -159,9 +159,10 @@ def test_other_threads_forward_passes_do_not_leak_into_a_capture(tiny_model_dir,
     from workbench.models import load_model
 
     model = load_model(str(tiny_model_dir))
-    outputs = []
+    outputs, reported = [], []
 
     def other_thread_forward(done: int, total: int) -> None:  # called between capture batches
+        reported.append((done, total))
         t = threading.Thread(target=lambda: outputs.append(model(model.to_tokens("A prompt lens call"))))
         t.start()
         t.join()
@@ -177,6 +178,7 @@ def test_other_threads_forward_passes_do_not_leak_into_a_capture(tiny_model_dir,
     )
     store = capture(cfg, model=model, progress=other_thread_forward)
     assert len(outputs) == 2 and store.n_rows == 128
+    assert reported == [(64, 128), (128, 128)]  # tokens so far (the bar is off when a callback is given)
     _, cache = model.run_with_cache(store.token_ids().reshape(-1, 32))
     for site in store.sites:
         assert (store.read(site) - to_rows(site, cache[site])).abs().max().item() <= 1e-5, site

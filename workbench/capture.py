@@ -167,9 +167,11 @@ class _Capture:
         self._row_shapes: dict[str, list[int]] = {}
         self.total_seqs = cfg.n_tokens // cfg.ctx_len
         self.callback = progress if callable(progress) else None
+        # counted here, not read off the bar: a disabled tqdm (the app's callback) never counts
+        self.tokens_done = min(len(self.done) * cfg.shard_seqs, self.total_seqs) * cfg.ctx_len
         self.bar = tqdm(
             total=self.total_seqs * cfg.ctx_len,
-            initial=min(len(self.done) * cfg.shard_seqs, self.total_seqs) * cfg.ctx_len,
+            initial=self.tokens_done,
             unit="tok",
             unit_scale=True,
             desc="capture",
@@ -270,8 +272,9 @@ class _Capture:
 
     def _tick(self, n: int) -> None:
         self.bar.update(n)
+        self.tokens_done += n
         if self.callback:
-            self.callback(self.bar.n, self.bar.total)
+            self.callback(self.tokens_done, self.total_seqs * self.cfg.ctx_len)
 
     def _write_point(
         self, shard: int, point: str, buffer: torch.Tensor, rows: int, stats: _RunningStats
