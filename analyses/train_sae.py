@@ -115,11 +115,6 @@ class TrainSAEConfig:
     """Re-initialise latents dead by the window towards high-error rows every 1/8 of the run until
     5/8 (Bricken et al. 2023, adapted to TopK; topk/batchtopk only). Off by default until measured
     on a full run: at 262k tokens it halved never-fired latents and lowered FVU (data/sae_notes.md)."""
-    k_start: int = 0
-    """topk/batchtopk: active latents at the first step, falling linearly to k over the first
-    k_anneal of the run; 0 = k throughout."""
-    k_anneal: float = 0.25
-    """Fraction of the run over which k_start falls to k."""
     checkpoint_every: int = 200
     """Steps between checkpoints (resume after a kill)."""
     eval_tokens: int = 8192
@@ -206,10 +201,6 @@ def resolve_sites(cfg: TrainSAEConfig, sites: list[str]) -> tuple[str, str]:
         raise ValueError(f"target_site is for transcoders; arch '{cfg.arch}' reconstructs its input")
     if cfg.resample_dead and cfg.arch not in RESAMPLE_ARCHS:
         raise ValueError(f"resample_dead is for {' and '.join(RESAMPLE_ARCHS)} SAEs, not arch '{cfg.arch}'")
-    if cfg.k_start and cfg.arch not in RESAMPLE_ARCHS:
-        raise ValueError(f"k_start is for {' and '.join(RESAMPLE_ARCHS)} SAEs, not arch '{cfg.arch}'")
-    if cfg.k_start and (cfg.k_start < cfg.k or not 0 < cfg.k_anneal <= 1):
-        raise ValueError(f"k_start must be ≥ k ({cfg.k}) and k_anneal in (0, 1]; got {cfg.k_start}, {cfg.k_anneal}")
     return site, target
 
 
@@ -283,8 +274,6 @@ def loop_config(cfg: TrainSAEConfig, steps: int, window_tokens: int) -> LoopConf
         dead_window_steps=max(1, window_tokens // cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every,
         resample_dead=cfg.resample_dead,
-        k_start=cfg.k_start,
-        k_anneal_steps=round(cfg.k_anneal * steps),
     )
 
 

@@ -56,16 +56,6 @@ class LoopConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     resample_dead: bool = False  # sae.resample: re-initialise dead latents every 1/8 of the run until 5/8
-    k_start: int = 0  # topk/batchtopk: active latents at step 0, falling linearly to the SAE's k (0 = off)
-    k_anneal_steps: int = 0  # steps over which k_start falls to k
-
-
-def k_at(step: int, loop: LoopConfig, k: int) -> int:
-    """Active latents at `step` (0-based) under the k schedule: more latents win early, so more get
-    gradient before the top-k contest settles (data/sae_notes.md, "k annealing")."""
-    if not loop.k_start or step >= loop.k_anneal_steps:
-        return k
-    return round(loop.k_start + (k - loop.k_start) * step / loop.k_anneal_steps)
 
 
 @dataclass
@@ -224,8 +214,6 @@ def train(
         while step < loop.steps:
             consistent = False  # weights may run ahead of `step` until the counters catch up
             dead = trainer.dead_neurons.clone()  # the mask AuxK trains on in this step
-            if loop.k_start:
-                sae.activation_fn.k = k_at(step, loop, sae.cfg.k)
             out = trainer.step(next(stream))
             trainer.n_training_steps += 1
             fired = out.feature_acts.detach().bool().any(0)

@@ -250,21 +250,3 @@ def test_resampling_gives_dead_latents_error_directions_and_leaves_the_rest(tmp_
         if moment.shape == sae.W_dec.shape:
             assert not moment[dead].any() and moment[~dead].any()
     assert resample.due(40, 320) and not resample.due(41, 320) and not resample.due(240, 320)
-
-
-def test_k_schedule_starts_wide_and_ends_at_k(tmp_path, store):
-    """k_start: the TopK SAE fires k_at(step) latents per token, falling linearly from k_start to k
-    over k_anneal_steps, then k; the saved dictionary has k. Refusals name the option."""
-    from workbench.sae.train import k_at
-
-    loop = LoopConfig(steps=12, batch_size=256, k_start=16, k_anneal_steps=8, log_every=1)
-    assert [k_at(s, loop, 4) for s in (0, 2, 4, 8, 11)] == [16, 13, 10, 4, 4]
-    assert k_at(0, LoopConfig(steps=12, batch_size=256), 4) == 4  # off by default
-    done = train(build(ArchSpec("topk", 64, 256, k=4), seed=0), _Planted, loop, tmp_path / "k", {}, show_bar=False)
-    assert done.curves["l0"].tolist() == [16, 14, 13, 12, 10, 8, 7, 6, 4, 4, 4, 4]  # step s+1 logs k_at(s)
-    assert done.sae.activation_fn.k == 4 and done.sae.cfg.k == 4
-    base = dict(store=str(store.root), site=SITES[0], d_sae=64, k=8, steps=4)
-    with pytest.raises(ValueError, match="k_start is for topk and batchtopk SAEs, not arch 'standard'"):
-        api.run("train-sae", arch="standard", k_start=16, **base)
-    with pytest.raises(ValueError, match=r"k_start must be ≥ k \(8\) and k_anneal in \(0, 1\]; got 4, 0.25"):
-        api.run("train-sae", arch="topk", k_start=4, **base)
