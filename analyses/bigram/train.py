@@ -76,17 +76,16 @@ class MaskLogits:
         self.shapes = {n: tuple(w.shape) for n, w in weights.items()}
         self.sizes = {n: weights[n].numel() for n in self.names}
         sizes = list(self.sizes.values())
-        self.offsets = dict(zip(self.names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
         self.n = sum(sizes)
         flat = torch.cat([(weights[n].detach() == 0).flatten() for n in self.names])
         self.s = torch.nn.Parameter(torch.where(flat, DROPPED, 0.0).float())
 
     def views(self, flat: Tensor) -> dict[str, Tensor]:
-        """name -> [out, in] view of `flat` (the logits, or σ(T·s)), no copy."""
-        return {
-            n: flat[self.offsets[n] : self.offsets[n] + self.sizes[n]].view(self.shapes[n])
-            for n in self.names
-        }
+        """name -> [out, in] view of `flat` (the logits, or σ(T·s)), no copy. One `split`, not a
+        slice per matrix: each slice's backward fills a zero tensor of all N entries (210 of them
+        on smollm2, ~22G writes per step), the split's backward concatenates once."""
+        parts = flat.split([self.sizes[n] for n in self.names])
+        return {n: part.view(self.shapes[n]) for n, part in zip(self.names, parts)}
 
     def hard(self) -> masks.MaskSet:
         return masks.MaskSet({n: v.detach() > 0 for n, v in self.views(self.s).items()})
