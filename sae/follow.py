@@ -29,7 +29,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from torch import Tensor
 
 from workbench import paths
 from workbench.capture import CaptureConfig, capture, run_identity
-from workbench.models import resolve_device
 from workbench.sae.archs import ArchSpec, build
 from workbench.sae.data import FollowStream, StoreStream
 from workbench.sae.io import dictionaries_dir, save_dictionary
@@ -119,23 +117,6 @@ def _first_rows(root: Path, site: str, specials: list[int], job: _Capture) -> Te
         time.sleep(0.1)
 
 
-@contextmanager
-def _share_cores(job: _Capture):
-    """On CPU, train on one intra-op thread while the capture keeps its own: two OpenMP teams of
-    all the cores each oversubscribe them and spin against each other (measured on 2 cores:
-    BENCHMARKS §8). Each thread's team size is fixed at its first op, so the capture thread,
-    already running, keeps its count; the training thread's is restored afterwards."""
-    if resolve_device() != "cpu" or torch.get_num_threads() < 2 or not job.is_alive():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def capture_and_train(
     cfg: CaptureConfig,
     arch: str = "topk",
@@ -177,8 +158,7 @@ def capture_and_train(
     follow = _Followed(root, site, batch_size, seed, specials, scale, job)
     work = paths.home() / "work" / f"follow-{root.name}-{arch}-{seed}"
     identity = {"store": root.name, "spec": vars(spec), "scale": scale, "seed": seed, "steps": steps}
-    with _share_cores(job):
-        outcome = train(sae, follow.stream, loop, work, identity, show_bar=show_bar)
+    outcome = train(sae, follow.stream, loop, work, identity, show_bar=show_bar)
     job.join()
     job.check()
     if scale != 1.0:
