@@ -13,6 +13,7 @@ P(attribute) values on the states both ran.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -31,6 +32,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--max-batch-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--also-whole-mlps", action="store_true", help="also time the batched sweep with every MLP run whole"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -38,7 +42,7 @@ def main() -> None:
     known = F.split_known(model, prepared)[0][: args.n_facts]
     sigma = tracing.subject_std(model, known)
     window = tracing.default_window(model.cfg.n_layers)
-    t_batched = t_ref = diff = 0.0
+    t_batched = t_ref = t_whole = diff = 0.0
     n_states = 0
     for p in known:
         tracer = tracing.Tracer(model, p.tokens, p.start, p.end, p.target, 3 * sigma, args.samples, 1, window)
@@ -51,6 +55,12 @@ def main() -> None:
         t = time.perf_counter()
         batched = tracing.trace(tracer, states, per_pass)
         t_batched += time.perf_counter() - t
+        if args.also_whole_mlps:  # the same sweep before MLPs were restricted to what a state changes
+            t = time.perf_counter()
+            with _whole_mlps():
+                whole = tracing.trace(tracer, states, per_pass)
+            t_whole += time.perf_counter() - t
+            diff = max(diff, float((whole - batched).abs().max()))
         t = time.perf_counter()
         reference = tracing.reference_probs(tracer, [states[i] for i in picked])
         t_ref += (time.perf_counter() - t) * len(states) / len(picked)  # extrapolated to every state
@@ -63,7 +73,19 @@ def main() -> None:
     )
     print(f"batched   {t_batched:8.1f} s  {per_min['batched']:.3f} facts/min")
     print(f"reference {t_ref:8.1f} s  {per_min['reference']:.3f} facts/min")
+    if args.also_whole_mlps:
+        print(f"batched, whole MLPs {t_whole:8.1f} s  ({t_whole / t_batched:.2f}x the batched time)")
     print(f"speed-up {t_ref / t_batched:.2f}x   max |P batched - P reference| = {diff:.3g}")
+
+
+@contextlib.contextmanager
+def _whole_mlps():
+    plain = tracing.Tracer._mlps_where_changed
+    tracing.Tracer._mlps_where_changed = lambda self, states: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        tracing.Tracer._mlps_where_changed = plain
 
 
 if __name__ == "__main__":
