@@ -8,6 +8,7 @@ after a kill continues where it stopped.
 
     bash scripts/fetch_shakespeare.sh      # third corpus: WikiText-2 + TinyStories hold ~0.54M tokens
     .venv/bin/python scripts/smollm2_dictionaries.py [--dashboards]
+    .venv/bin/python scripts/smollm2_dictionaries.py --resample-dead   # the TopK SAE with resampling, alone
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def main() -> None:
     ap.add_argument("--dashboards", action="store_true", help="also build the SAE's latent dashboards")
     ap.add_argument("--dashboard-tokens", type=int, default=1 << 17)
     ap.add_argument("--out", default="", help="also write the report (JSON) here")
+    ap.add_argument(
+        "--resample-dead", action="store_true", help="train the TopK SAE with --resample-dead, and only it"
+    )
     args = ap.parse_args()
     root = paths.stores_dir() / "smollm2-L15-1M"
     done = root.exists() and api.open_store(root).complete  # read, never rewrite, a finished capture
@@ -71,9 +75,14 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1, default=str)
 
-    sae = api.run("train-sae", store=str(store.root), site=SITES[0], arch="topk", k=32, **COMMON)
+    extra = {"resample_dead": True} if args.resample_dead else {}
+    sae = api.run("train-sae", store=str(store.root), site=SITES[0], arch="topk", k=32, **COMMON, **extra)
     report["topk"] = {"train": sae.summary(), "rows": sae.rows, "dead_window_tokens": sae.dead_window_tokens}
     save()
+    if args.resample_dead:
+        _evaluate(report, sae.dictionary, store, save)
+        print(json.dumps(report, indent=1, default=str))
+        return
     tc = api.run(
         "train-sae",
         store=str(store.root),
@@ -87,10 +96,21 @@ def main() -> None:
     report["transcoder"] = {"train": tc.summary(), "rows": tc.rows}
     report["dictionaries"] = both = f"{sae.dictionary},{tc.dictionary}"
     save()
+    _evaluate(report, both, store, save)
+    if args.dashboards:
+        dash = api.run(
+            "dashboards", store=str(store.root), dictionary=sae.dictionary, n_tokens=args.dashboard_tokens
+        )
+        report["dashboards"] = {"key": dash.cache_key, "summary": dash.summary(), "examples": _examples(dash)}
+        save()
+    print(json.dumps(report, indent=1, default=str))
+
+
+def _evaluate(report: dict, dictionaries: str, store, save) -> None:
     for name, opts in EVALS:
         res = api.run(
             "sae-eval",
-            dictionary=both,
+            dictionary=dictionaries,
             store=str(store.root),
             n_tokens=16384,
             n_seqs=32,
@@ -99,13 +119,6 @@ def main() -> None:
         )
         report[f"eval {name}"] = res.summary()
         save()
-    if args.dashboards:
-        dash = api.run(
-            "dashboards", store=str(store.root), dictionary=sae.dictionary, n_tokens=args.dashboard_tokens
-        )
-        report["dashboards"] = {"key": dash.cache_key, "summary": dash.summary(), "examples": _examples(dash)}
-        save()
-    print(json.dumps(report, indent=1, default=str))
 
 
 def _examples(dash, n: int = 6) -> list[dict]:
