@@ -115,7 +115,7 @@ class TrainSAEConfig:
     """Re-initialise latents dead by the window towards high-error rows every 1/8 of the run until
     5/8 (Bricken et al. 2023, adapted to TopK; topk/batchtopk only). On the 1M smollm2 run it
     lowered FVU (0.247 → 0.224) and dead-by-window latents (20 % → 2.4 %; data/sae_notes.md); off
-    by default until the SAELens-parity tests are told apart from the default recipe."""
+    by default for now: switching changes every train-sae default run and its cache key."""
     checkpoint_every: int = 200
     """Steps between checkpoints (resume after a kill)."""
     eval_tokens: int = 8192
