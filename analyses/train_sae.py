@@ -111,11 +111,13 @@ class TrainSAEConfig:
     """Cap on the dead-latent window: a latent is dead (AuxK's target) after this many tokens without firing."""
     dead_window_frac: float = 0.1
     """The window is min(dead_window_tokens, this × the run's tokens), at least one step."""
-    resample_dead: bool = False
-    """Re-initialise latents dead by the window towards high-error rows every 1/8 of the run until
-    5/8 (Bricken et al. 2023, adapted to TopK; topk/batchtopk only). On the 1M smollm2 run it
-    lowered FVU (0.247 → 0.224) and dead-by-window latents (20 % → 2.4 %; data/sae_notes.md); off
-    by default for now: switching changes every train-sae default run and its cache key."""
+    resample_dead: bool = True
+    """Re-initialise silent latents towards high-error rows every 1/16 of the run until 3/4 of it
+    (Bricken et al. 2023, adapted to TopK; topk and batchtopk: other architectures ignore it).
+    data/sae_notes.md has the measurements on 1M smollm2 tokens."""
+    resample_window_tokens: int = 16_384
+    """A latent silent for min(this, the dead window) tokens is resampled: shorter than AuxK's window,
+    so latents too rare to fire on an evaluation's tokens are re-used too."""
     checkpoint_every: int = 200
     """Steps between checkpoints (resume after a kill)."""
     eval_tokens: int = 8192
@@ -151,7 +153,8 @@ class TrainSAEResult(Result):
     final: dict
     """On held-out rows (split 'held_out'): l0, fvu (ordinary tokens), fvu_all_but_bos, explained_variance,
     mse, frac_never_fired (no firing on these rows), n_tokens; plus frac_dead_window (dead by the
-    training window at the end), ever_dead_window and revived (latents AuxK brought back)."""
+    training window at the end), ever_dead_window, revived (latents AuxK brought back) and resampled
+    (latents `resample_dead` re-initialised at least once)."""
     final_train: dict
     """The same measures on training rows (split 'train')."""
     rows: dict
@@ -200,8 +203,6 @@ def resolve_sites(cfg: TrainSAEConfig, sites: list[str]) -> tuple[str, str]:
             raise ValueError(f"site '{s}' is not in the store; it holds: {', '.join(sites)}")
     if target and cfg.arch != "transcoder":
         raise ValueError(f"target_site is for transcoders; arch '{cfg.arch}' reconstructs its input")
-    if cfg.resample_dead and cfg.arch not in RESAMPLE_ARCHS:
-        raise ValueError(f"resample_dead is for {' and '.join(RESAMPLE_ARCHS)} SAEs, not arch '{cfg.arch}'")
     return site, target
 
 
@@ -274,7 +275,8 @@ def loop_config(cfg: TrainSAEConfig, steps: int, window_tokens: int) -> LoopConf
         lr_decay_steps=cfg.lr_decay_steps,
         dead_window_steps=max(1, window_tokens // cfg.batch_size),
         checkpoint_every=cfg.checkpoint_every,
-        resample_dead=cfg.resample_dead,
+        resample_dead=cfg.resample_dead and cfg.arch in RESAMPLE_ARCHS,
+        resample_window_steps=max(1, min(cfg.resample_window_tokens, window_tokens) // cfg.batch_size),
     )
 
 
@@ -323,13 +325,13 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
             store, sites, cfg.batch_size, seed=cfg.seed, keep=train_rows.keep, scales=scaling, start=start
         )
 
-    steps = cfg.steps or (
-        math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens else make_stream(0).batches_per_epoch()
-    )
+    epoch_steps = make_stream(0).batches_per_epoch()
+    steps = cfg.steps or (math.ceil(cfg.n_tokens / cfg.batch_size) if cfg.n_tokens else epoch_steps)
     window = dead_window_tokens(
         cfg.dead_window_tokens, cfg.dead_window_frac, steps * cfg.batch_size, cfg.batch_size
     )
-    warning = passes_warning(steps * cfg.batch_size, train_rows.counts["ordinary_rows"], MANY_PASSES)
+    run_tokens, ordinary = steps * cfg.batch_size, train_rows.counts["ordinary_rows"]
+    warning = passes_warning(run_tokens, ordinary, MANY_PASSES, epoch_steps * cfg.batch_size)
     if warning:
         log.warning(warning)
     loop = loop_config(cfg, steps, window)
@@ -352,6 +354,7 @@ def run(cfg: TrainSAEConfig, ctx: Context) -> TrainSAEResult:
         "frac_dead_window": dead[-1].item() if len(dead) else 0.0,
         "ever_dead_window": int(outcome.ever_dead.sum()),
         "revived": int(outcome.revived.sum()),
+        "resampled": int(outcome.resampled.sum()),
     }
     final_train = score(folder, store, sites, train_rows, cfg.eval_tokens)
     shutil.rmtree(ctx.work_dir / "checkpoint", ignore_errors=True)

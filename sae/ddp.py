@@ -9,6 +9,8 @@ contiguous rows [r·B/W, (r+1)·B/W) of each batch, so the ranks' slices are dis
 are exactly the batch one process would train on. After `backward`, before SAELens' gradient
 clipping and Adam step, each parameter's gradient is averaged over the ranks (all_reduce as it is
 accumulated, as DDP does), and the dead-latent counters see the latents that fired on ANY rank.
+Resampling dead latents draws from the global batch's rows (gathered) with the same seed on every
+rank, so every rank re-initialises the same latents the same way.
 Since SAELens' losses are means over the batch, W ranks with B/W rows each take the same step as
 one process with B rows, up to float summation order (the mean of two half-batch means is not
 bit-equal to one mean) — which can flip a TopK choice between two near-tied latents and so drift
@@ -77,6 +79,12 @@ class Parallel:
         fired = self.fired_anywhere(fired_here)
         trainer.n_forward_passes_since_fired[fired.to(trainer.n_forward_passes_since_fired.device)] = 0
         return fired
+
+    def gather_rows(self, x: Tensor) -> Tensor:
+        """Every rank's rows of `x`, in rank order: the global batch's rows, on every rank."""
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
 
     def barrier(self) -> None:
         dist.barrier()

@@ -52,10 +52,12 @@ def dead_window_tokens(cap_tokens: int, frac: float, run_tokens: int, batch_size
     return max(batch_size, min(cap_tokens, scaled))
 
 
-def passes_warning(run_tokens: int, train_rows: int, many: float) -> str | None:
-    """One line when a run makes less than one pass, or more than `many`, over its training rows."""
+def passes_warning(run_tokens: int, train_rows: int, many: float, epoch_tokens: int) -> str | None:
+    """One line when a run makes less than one pass, or more than `many`, over its training rows.
+    `epoch_tokens` is what one pass of whole batches covers (the stream drops each buffer's partial
+    batch): a run of at least that many tokens is one pass, not "part of the store never seen"."""
     passes = run_tokens / max(train_rows, 1)
-    if passes < 1:
+    if run_tokens < epoch_tokens:
         return (
             f"train-sae: {run_tokens:,} training tokens are {passes:.2f} passes over the store's {train_rows:,} "
             "training rows: part of the store is never seen; raise --n-tokens or use a smaller store"

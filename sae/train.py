@@ -55,7 +55,8 @@ class LoopConfig:
     dead_window_steps: int = 200
     checkpoint_every: int = 200
     log_every: int = 10
-    resample_dead: bool = False  # sae.resample: re-initialise dead latents every 1/8 of the run until 5/8
+    resample_dead: bool = False  # sae.resample: re-initialise dead latents every 1/16 of the run until 3/4
+    resample_window_steps: int = 0  # silent this many steps = resampled; 0 = dead_window_steps
 
 
 @dataclass
@@ -69,6 +70,8 @@ class TrainOutcome:
     """[d_sae] bool: dead by the training window at some step."""
     revived: Tensor
     """[d_sae] bool: fired at a step when it was dead by the window (AuxK's purpose)."""
+    resampled: Tensor
+    """[d_sae] bool: re-initialised by `resample_dead` at least once."""
 
 
 def make_trainer(sae: TrainingSAE, loop: LoopConfig) -> SAETrainer:
@@ -159,12 +162,24 @@ def _resume(
         fresh = {
             "ever_dead": torch.zeros(d_sae, dtype=torch.bool),
             "revived": torch.zeros(d_sae, dtype=torch.bool),
+            "resampled": torch.zeros(d_sae, dtype=torch.bool),
         }
         return 0, 0.0, {k: [] for k in CURVES}, fresh
     state, curves, latents = ckpt.load(trainer)
+    latents.setdefault("resampled", torch.zeros_like(latents["revived"]))  # absent in older checkpoints
     if state.get("identity") != identity:
         raise RuntimeError(f"{ckpt.dir} belongs to a different training run; delete it to start over")
     return state["step"], state["seconds"], curves, latents
+
+
+def _resample(trainer: SAETrainer, out: TrainStepOutput, loop: LoopConfig, step: int, par, latents) -> int:
+    """Re-initialise the latents silent for the resampling window (sae.resample); returns how many."""
+    seeded = torch.Generator().manual_seed(step)  # a resumed run (and every rank) draws alike
+    silent = trainer.n_forward_passes_since_fired > (loop.resample_window_steps or loop.dead_window_steps)
+    gather = par.gather_rows if par is not None else None
+    new = resample.resample_dead(trainer, out, seeded, silent, gather).cpu()
+    latents["resampled"] |= new
+    return int(new.sum())
 
 
 def train(
@@ -188,8 +203,6 @@ def train(
     stream = make_stream(start)
     par = ddp.current()  # under torchrun: this rank's slice of each batch, gradients averaged
     if par is not None:
-        if loop.resample_dead:
-            raise ValueError("resample_dead is not supported under torchrun (each rank would resample apart)")
         ddp.check_batch(loop.batch_size, par.world)
         par.attach(sae)
         stream, show_bar = par.slices(stream), show_bar and par.leader
@@ -224,9 +237,8 @@ def train(
             post_step(sae)
             step, consistent = step + 1, True
             if loop.resample_dead and resample.due(step, loop.steps):
-                seeded = torch.Generator().manual_seed(step)  # a resumed run resamples the same rows
                 bar.write(
-                    f"step {step}: resampled {resample.resample_dead(trainer, out, seeded)} dead latents"
+                    f"step {step}: resampled {_resample(trainer, out, loop, step, par, latents)} latents"
                 )
             if step % loop.log_every == 0 or step == loop.steps:
                 m = _record(trainer, out, step, loop, curves, latents["revived"])
@@ -252,4 +264,6 @@ def train(
         raise ddp.RankDone
     seconds = time.perf_counter() - t0
     curves_t = {k: torch.tensor(v) for k, v in curves.items()}
-    return TrainOutcome(sae, curves_t, step, seconds, start, latents["ever_dead"], latents["revived"])
+    return TrainOutcome(
+        sae, curves_t, step, seconds, start, latents["ever_dead"], latents["revived"], latents["resampled"]
+    )

@@ -8,7 +8,12 @@ after a kill continues where it stopped.
 
     bash scripts/fetch_shakespeare.sh      # third corpus: WikiText-2 + TinyStories hold ~0.54M tokens
     .venv/bin/python scripts/smollm2_dictionaries.py [--dashboards]
-    .venv/bin/python scripts/smollm2_dictionaries.py --resample-dead   # the TopK SAE with resampling, alone
+    .venv/bin/python scripts/smollm2_dictionaries.py --topk-only [--old-recipe] [--override JSON]
+
+`--topk-only` trains and evaluates the TopK SAE alone; `--old-recipe` trains it the way train-sae
+did before recipe v2 (b_dec at 0, norm outliers kept, a fixed 250k-token dead window, no
+resampling), so old and new are measured under the same definitions; `--override` sets any other
+train-sae option (JSON).
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ CORPUS = ",".join(
 COMMON = dict(
     d_sae=4608, lr=4e-4, batch_size=1024, lr_decay_steps=200, checkpoint_every=100, eval_tokens=16384
 )
+OLD_RECIPE = dict(
+    b_dec_init="zeros",
+    outlier_factor=0.0,
+    dead_window_tokens=250_000,
+    dead_window_frac=1.0,
+    resample_dead=False,
+)
 # (name, sae-eval options): the recipe's rows, and the pre-rule definition (outliers kept in)
 EVALS = (
     ("train", {"split": "train"}),
@@ -49,9 +61,9 @@ def main() -> None:
     ap.add_argument("--dashboards", action="store_true", help="also build the SAE's latent dashboards")
     ap.add_argument("--dashboard-tokens", type=int, default=1 << 17)
     ap.add_argument("--out", default="", help="also write the report (JSON) here")
-    ap.add_argument(
-        "--resample-dead", action="store_true", help="train the TopK SAE with --resample-dead, and only it"
-    )
+    ap.add_argument("--topk-only", action="store_true", help="train and evaluate the TopK SAE alone")
+    ap.add_argument("--old-recipe", action="store_true", help="train the TopK SAE with the pre-v2 recipe")
+    ap.add_argument("--override", default="{}", help="other train-sae options for the TopK SAE (JSON)")
     args = ap.parse_args()
     root = paths.stores_dir() / "smollm2-L15-1M"
     done = root.exists() and api.open_store(root).complete  # read, never rewrite, a finished capture
@@ -75,11 +87,11 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(report, f, indent=1, default=str)
 
-    extra = {"resample_dead": True} if args.resample_dead else {}
+    extra = (OLD_RECIPE if args.old_recipe else {}) | json.loads(args.override)
     sae = api.run("train-sae", store=str(store.root), site=SITES[0], arch="topk", k=32, **COMMON, **extra)
     report["topk"] = {"train": sae.summary(), "rows": sae.rows, "dead_window_tokens": sae.dead_window_tokens}
     save()
-    if args.resample_dead:
+    if args.topk_only:
         _evaluate(report, sae.dictionary, store, save)
         print(json.dumps(report, indent=1, default=str))
         return

@@ -94,3 +94,16 @@ def test_train_sae_leaves_outliers_out_and_scores_both_splits(store):
     assert train.table[0]["split"] == "train" and train.table[0]["fvu"] == pytest.approx(
         res.final_train["fvu"], rel=1e-4
     )
+
+
+def test_passes_warning_counts_whole_batch_passes():
+    """One pass of whole batches (the stream drops each buffer's partial batch) is not "part of the
+    store never seen"; fewer tokens, or more than `many` passes, are one line each."""
+    from workbench.sae.recipe import passes_warning
+
+    assert passes_warning(954_368, 972_026, 20, epoch_tokens=954_368) is None
+    assert passes_warning(2 * 954_368, 972_026, 20, epoch_tokens=954_368) is None
+    short = passes_warning(262_144, 972_026, 20, epoch_tokens=954_368)
+    assert short.startswith("train-sae: 262,144 training tokens are 0.27 passes over the store's 972,026")
+    many = passes_warning(25 * 972_026, 972_026, 20, epoch_tokens=954_368)
+    assert "are 25 passes" in many and "may memorise" in many

@@ -218,6 +218,21 @@ def test_auxk_engages_and_revives_dead_latents(tmp_path):
         assert off.curves["aux_loss"].max() == 0
 
 
+def test_resampling_counts_latents_silent_for_its_own_window(tmp_path):
+    """The loop resamples latents silent for `resample_window_steps`, shorter than AuxK's window
+    (here never reached: no latent is dead by it); 0 falls back to AuxK's window."""
+    spec = ArchSpec("topk", 64, 512, k=4)
+    runs = {}
+    for window in (3, 0):
+        loop = LoopConfig(
+            steps=32, batch_size=256, lr=3e-3, dead_window_steps=10**6, checkpoint_every=10**6,
+            resample_dead=True, resample_window_steps=window,
+        )  # fmt: skip
+        runs[window] = train(build(spec, seed=0), _Planted, loop, tmp_path / str(window), {}, show_bar=False)
+    assert runs[3].resampled.sum() > 50 and not runs[3].ever_dead.any()
+    assert not runs[0].resampled.any()
+
+
 def test_resampling_gives_dead_latents_error_directions_and_leaves_the_rest(tmp_path):
     """sae.resample: every latent counted dead gets the unit reconstruction error of a batch row as
     decoder row and encoder direction, its Adam moments and dead counter reset; live latents keep
@@ -234,8 +249,9 @@ def test_resampling_gives_dead_latents_error_directions_and_leaves_the_rest(tmp_
     dead = trainer.dead_neurons.clone()
     assert 0 < int(dead.sum()) < 512
     before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    n = resample.resample_dead(trainer, out, torch.Generator().manual_seed(0))
-    assert n == int(dead.sum())
+    new = resample.resample_dead(trainer, out, torch.Generator().manual_seed(0))
+    assert torch.equal(new, dead)
+    n = int(new.sum())
     err = out.sae_in - out.sae_out
     units = err / err.norm(dim=-1, keepdim=True)
     cos = sae.W_dec.data[dead] @ units.T  # each new row is one of the batch's error directions
@@ -249,4 +265,4 @@ def test_resampling_gives_dead_latents_error_directions_and_leaves_the_rest(tmp_
     for moment in trainer.optimizer.state[sae.W_dec].values():
         if moment.shape == sae.W_dec.shape:
             assert not moment[dead].any() and moment[~dead].any()
-    assert resample.due(40, 320) and not resample.due(41, 320) and not resample.due(240, 320)
+    assert [s for s in range(1, 321) if resample.due(s, 320)] == list(range(20, 241, 20))  # 1/16 until 3/4
