@@ -89,6 +89,22 @@ def tiny_model(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_store_leaks_into_the_real_home(tmp_path_factory):
+    """A store of one of this session's models in the real home is a test writing outside its own
+    WORKBENCH_HOME (a `monkeypatch.undo()` once unset the variable mid-test): fail the session."""
+    real = Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench")) / "stores"
+    before = set(real.glob("*"))
+    yield
+    ours = str(tmp_path_factory.getbasetemp())
+    leaked = [p for p in set(real.glob("*")) - before if ours in _text(p / "run.json")]
+    assert not leaked, f"tests wrote stores into {real}: {sorted(p.name for p in leaked)}"
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
 @pytest.fixture(autouse=True)
 def workbench_home(tmp_path, monkeypatch) -> Path:
     """Each test gets its own stores and results cache; converted real models stay shared."""

@@ -140,16 +140,16 @@ def test_lost_run_json_or_a_kill_after_removing_token_parts_still_completes(
 
 def test_finishing_refuses_a_store_with_missing_tokens(tiny_model, tiny_model_dir, wikitext, monkeypatch):
     real = capture_mod._Capture._write_tokens
-    monkeypatch.setattr(
-        capture_mod._Capture, "_write_tokens", lambda self, k, c: None if k == 2 else real(self, k, c)
-    )
-    with pytest.raises(
-        StoreError, match="the tokens of .* cover 192 rows .* shards hold 256; the store was not"
-    ):
-        capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
+    with monkeypatch.context() as patch:  # monkeypatch.undo() would also unset the test's WORKBENCH_HOME
+        patch.setattr(
+            capture_mod._Capture, "_write_tokens", lambda self, k, c: None if k == 2 else real(self, k, c)
+        )
+        with pytest.raises(
+            StoreError, match="the tokens of .* cover 192 rows .* shards hold 256; the store was not"
+        ):
+            capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
     [row] = list_stores()
     assert row["status"] == "partial" and row["rows"] == 0
-    monkeypatch.undo()
     store = capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)  # writes shard 2's
     seqs = store.tokens().column("seq").to_pylist()
     assert store.complete and seqs == [r // 32 for r in range(256)]
@@ -218,9 +218,10 @@ def test_disk_full_is_one_line_and_the_store_resumes(tiny_model, tiny_model_dir,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, *args)
 
-    monkeypatch.setattr(capture_mod, "write_safetensors", full_disk_at_shard_2)
-    with pytest.raises(StoreError) as err:
-        capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
+    with monkeypatch.context() as patch:  # monkeypatch.undo() would also unset the test's WORKBENCH_HOME
+        patch.setattr(capture_mod, "write_safetensors", full_disk_at_shard_2)
+        with pytest.raises(StoreError) as err:
+            capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
     [row] = list_stores()
     path = calls[2]
     assert (
@@ -228,7 +229,6 @@ def test_disk_full_is_one_line_and_the_store_resumes(tiny_model, tiny_model_dir,
     )
     assert path.name == "shard-00002.safetensors" and row["status"] == "partial"
     assert len(pq.read_table(path.parents[2] / "manifest.parquet")) == 2
-    monkeypatch.undo()
     resumed = capture(_cfg(tiny_model_dir, wikitext), model=tiny_model, progress=False)
     fresh = capture(
         _cfg(tiny_model_dir, wikitext), model=tiny_model, out=path.parents[3] / "fresh", progress=False
