@@ -18,6 +18,8 @@ The default recipe (beats SAELens' defaults on the 1M-token smollm2 store, data/
     at zero, most TopK latents never fire (61 % dead on smollm2 L15);
   * the dead-latent window (AuxK's target set) is min(dead_window_tokens, dead_window_frac × the
     run's tokens), so short runs get a window AuxK can act on;
+  * TopK/BatchTopK latents silent for min(resample_window_tokens, that window) are resampled
+    towards high-error rows every 1/16 of the run until 3/4 of it (`sae.resample`);
   * a one-line warning when a run makes < 1 pass or > MANY_PASSES passes over its training rows;
   * the saved dictionary is scored on held-out rows (`final`, split "held_out") and on training
     rows (`final_train`, split "train").
