@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,10 +109,8 @@ def test_commands_that_compute_nothing_do_not_import_torch(command, tmp_path):
     )
     if command == ["list"]:  # the first listing imports the analyses and records them
         subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True)
-    start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stderr.strip().splitlines()[-1] == "LIGHT", out.stderr
-    assert time.perf_counter() - start < 10  # ~0.6 s here on an idle core; torch alone costs 2-4 s
+    assert out.stderr.strip().splitlines()[-1] == "LIGHT", out.stderr  # torch alone costs 2-4 s to import
 
 
 def test_listings_name_the_task_a_patching_result_came_from(tmp_path):
