@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -237,9 +238,8 @@ def train(
             post_step(sae)
             step, consistent = step + 1, True
             if loop.resample_dead and resample.due(step, loop.steps):
-                bar.write(
-                    f"step {step}: resampled {_resample(trainer, out, loop, step, par, latents)} latents"
-                )
+                n = _resample(trainer, out, loop, step, par, latents)
+                bar.write(f"step {step}: resampled {n} latents", file=sys.stderr)  # stdout may be --json
             if step % loop.log_every == 0 or step == loop.steps:
                 m = _record(trainer, out, step, loop, curves, latents["revived"])
                 now = time.perf_counter()

@@ -200,3 +200,16 @@ def test_context_checked_against_the_booted_model_when_no_config_is_on_disk(
         == f"ctx_len 256 exceeds the 128 positions of model '{tiny_model_dir}'; use --ctx-len 128 or less"
     )
     assert wb.list_stores() == []
+
+
+def test_train_sae_json_stays_json_while_resampling_reports(tiny_store):
+    """Resampling's progress lines go to stderr: `--json` output is the result's summary alone."""
+    import json
+
+    store = tiny_store(("blocks.1.hook_resid_post",), 1024)
+    opts = ["--store", str(store.root), "--d-sae", "512", "--k", "2", "--steps", "32", "--batch-size", "64"]
+    out = CliRunner().invoke(cli, ["run", "train-sae", *opts, "--lr", "0.003", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert summary[0]["split"] == "held_out" and summary[0]["resampled"] > 0
+    assert "resampled" in out.stderr and "resampled" not in out.stdout.replace('"resampled"', "")
