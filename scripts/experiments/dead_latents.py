@@ -10,7 +10,7 @@ train-sae had the option; the option seeds each resampling by its step, so it dr
 key sees neither change, so run each variant in its own WORKBENCH_HOME (with `stores` and
 `models` linked to the real ones). `sched` runs train-sae's resampling on the schedule set by the
 overrides `_every` and `_until` (fractions of the run; default train-sae's 1/16 and 3/4); with
-`resample_window_tokens` (a train-sae option; 10**9 = the AuxK window) it decided train-sae's
+`resample_window_tokens` (a train-sae option; 1000000000 = the AuxK window) it decided train-sae's
 defaults (data/sae_notes.md, "Resampling schedule").
 Prints the run's summary.
 """
