@@ -7,10 +7,10 @@ column, the encoder column scaled to the live latents' mean encoder norm (so it 
 contest; Bricken et al. use 0.2× for ReLU SAEs), b_enc at the live latents' mean; its Adam moments
 and dead counter are reset.
 
-Why this schedule (data/sae_notes.md, "Resampling"): on the 1M smollm2 store at 262k tokens,
-resampling every 1/8 until 5/8 by the AuxK window took never-fired latents 47 % → 26 %; every 1/16
-until 3/4 took them to 6 %, and counting latents silent for 16k tokens (not the whole AuxK window)
-to 5 %, each with a lower held-out FVU.
+Why this schedule (data/sae_notes.md, "Resampling schedule and the default"): on the 1M smollm2
+store at 262k tokens, resampling every 1/8 until 5/8 by the AuxK window took never-fired latents
+47 % → 26 %; every 1/16 until 3/4 took them to 6 %, and counting latents silent for 16k tokens (not
+the whole AuxK window) to 5 %, each with a lower held-out FVU. The full 1M run: 1 % never fired.
 """
 
 from __future__ import annotations
