@@ -1,6 +1,7 @@
 """The CLI's input checks (before any model loads), the README's --sites example, choices,
 discovery of analyses."""
 
+import json
 import logging
 
 import pytest
@@ -204,8 +205,6 @@ def test_context_checked_against_the_booted_model_when_no_config_is_on_disk(
 
 def test_train_sae_json_stays_json_while_resampling_reports(tiny_store):
     """Resampling's progress lines go to stderr: `--json` output is the result's summary alone."""
-    import json
-
     store = tiny_store(("blocks.1.hook_resid_post",), 1024)
     opts = ["--store", str(store.root), "--d-sae", "512", "--k", "2", "--steps", "32", "--batch-size", "64"]
     out = CliRunner().invoke(cli, ["run", "train-sae", *opts, "--lr", "0.003", "--json"])

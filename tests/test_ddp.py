@@ -1,7 +1,6 @@
 """Data-parallel training under `torchrun` (gloo on loopback): two ranks with half the batch each
 train the same dictionary as one process with the whole batch (dead-latent resampling included),
-resume a single process's
-checkpoint, and refuse a batch that does not split over the ranks."""
+resume a single process's checkpoint, and refuse a batch that does not split over the ranks."""
 
 from __future__ import annotations
 
