@@ -60,7 +60,7 @@ def ours(model, args, site: str, data: str) -> dict:
         batch_size=args.batch,
         steps=steps,
         normalize=False,
-        skip_bos=False,
+        skip_special=False,  # SAELens runner: BOS kept (prepend_bos) like any token
         lr=3e-4,
         eval_tokens=2048,
     )
